@@ -1,0 +1,122 @@
+"""The ``mimscale`` command: train, check, demo, bench, and the data tools.
+
+Hyperparameters are never flags: they are ``key.sub=value`` overrides after the recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from mimscale.config import RecipeError, load_recipe
+
+REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def recipe_path(name: str) -> Path:
+    """A recipe path as given, or relative to the repository's ``recipes/``."""
+    p = Path(name)
+    return p if p.exists() else REPO_RECIPES / name
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate a recipe (and print the resolved YAML) without starting anything."""
+    import yaml
+
+    r = load_recipe(recipe_path(args.recipe), args.overrides)
+    print(yaml.safe_dump(r.to_dict(), sort_keys=False))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Validate, then run in this process or spawn ``--nproc`` ranks through a launcher."""
+    path = recipe_path(args.recipe)
+    load_recipe(path, args.overrides)  # fail on a typo before any process is spawned
+    if args.nproc <= 1:
+        from mimscale.train import main as train_main
+
+        return train_main([str(path), *args.overrides])
+    if args.launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
+               "-m", "mimscale.train"]
+    else:
+        cmd = [shutil.which("deepspeed") or "deepspeed", f"--num_gpus={args.nproc}", "--module", "mimscale.train"]
+    return subprocess.call([*cmd, str(path), *args.overrides])
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mimscale.demo import run_demo
+
+    return run_demo(method=args.method, out=Path(args.out), overrides=args.overrides)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "data":
+        from mimscale.data.bench import run
+
+        run(args.rest)
+        return 0
+    from mimscale.bench import main as bench_main
+
+    return bench_main([args.what, *args.rest] if args.what else args.rest)
+
+
+def _delegate(module: str, argv: list[str]) -> int:
+    import importlib
+
+    return int(importlib.import_module(module).main(argv) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mimscale", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("train", help="train a recipe (one process, or --nproc ranks)")
+    s.add_argument("recipe")
+    s.add_argument("overrides", nargs="*", help="key.sub=value")
+    s.add_argument("--nproc", type=int, default=1)
+    s.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("check", help="validate a recipe and print it resolved")
+    s.add_argument("recipe")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(fn=cmd_check)
+
+    s = sub.add_parser("demo", help="the whole path on a CPU in minutes (embedded digits data)")
+    s.add_argument("--method", default="mae")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("bench", help="JSON benchmarks: `bench [engine] key=value...` or `bench data`")
+    s.add_argument("what", nargs="?", default="engine")
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=cmd_bench)
+
+    for name, module, help_ in [
+        ("prep-shards", "mimscale.data.shards", "ImageFolder / folder / list -> WebDataset shards"),
+        ("demo-data", "mimscale.data.demo", "write the digits demo shards"),
+    ]:
+        s = sub.add_parser(name, help=help_, add_help=False)
+        s.add_argument("rest", nargs=argparse.REMAINDER)
+        s.set_defaults(fn=lambda a, m=module: _delegate(m, a.rest))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        return int(args.fn(args) or 0)
+    except RecipeError as e:
+        print(f"recipe error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

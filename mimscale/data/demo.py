@@ -1,0 +1,136 @@
+"""Demo data: scikit-learn's digits (1,797 real 8x8 scans, 10 classes) as train/val shards.
+
+Nothing is downloaded: the images ship inside scikit-learn. They are upscaled to
+``size x size`` RGB, written to a temporary ImageFolder tree and sharded by the same tool as
+real data (:func:`mimscale.data.shards.make_shards`), so tests and the CPU demo exercise the
+production path. A second call with the same settings reuses the shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from mimscale.data.manifest import read_manifest
+from mimscale.data.shards import make_shards
+
+__all__ = ["main", "write_digits_shards"]
+
+
+def _split(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """Stratified split: bool ``[n]``, True for validation (``round(frac * n_c)`` per class)."""
+    rng = np.random.default_rng(seed)
+    is_val = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        is_val[idx[: int(round(val_fraction * len(idx)))]] = True
+    return is_val
+
+
+def _write_tree(root: Path, images: np.ndarray, labels: np.ndarray, size: int, fmt: str) -> None:
+    """Digits (``[n, 8, 8]`` in 0..16) -> ``root/<label>/<index>.<ext>`` RGB ``size x size``."""
+    ext = {"png": "png", "jpeg": "jpg"}[fmt]
+    for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
+        gray = Image.fromarray(np.round(img * (255 / 16)).astype(np.uint8))
+        rgb = gray.resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
+        d = root / str(int(lab))
+        d.mkdir(parents=True, exist_ok=True)
+        rgb.save(d / f"{i:04d}.{ext}", **({"quality": 95} if fmt == "jpeg" else {}))
+
+
+def write_digits_shards(
+    out_dir: str | os.PathLike[str],
+    size: int = 32,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    fmt: str = "png",
+    shard_size: int = 256,
+) -> dict[str, Any]:
+    """Write (or reuse) ``out_dir/train`` and ``out_dir/val`` digits shards with manifests.
+
+    Args:
+        out_dir: destination; holds ``train/``, ``val/`` and ``demo.json`` (the settings).
+        size: image side in pixels after upscaling.
+        val_fraction: stratified fraction held out for validation.
+        seed: split seed.
+        fmt: ``png`` (lossless) or ``jpeg``.
+        shard_size: samples per shard (256 gives 6 train and 2 val shards).
+
+    Returns:
+        ``{"train": manifest path, "val": manifest path, "num_train", "num_val",
+        "num_classes", "size", "reused"}``.
+    """
+    from sklearn.datasets import load_digits
+
+    out = Path(out_dir)
+    settings = {
+        "size": size,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "fmt": fmt,
+        "shard_size": shard_size,
+    }
+    info = _cached(out, settings)
+    if info is not None:
+        return {**info, "reused": True}
+    digits = load_digits()
+    labels = digits.target.astype(np.int64)
+    is_val = _split(labels, val_fraction, seed)
+    result: dict[str, Any] = {}
+    for split, sel in (("train", ~is_val), ("val", is_val)):
+        with tempfile.TemporaryDirectory(prefix=f"digits-{split}-") as tmp:
+            _write_tree(Path(tmp), digits.images[sel], labels[sel], size, fmt)
+            make_shards(
+                tmp, out / split, prefix=f"digits-{split}", shard_size=shard_size, split=split, progress=False
+            )
+        result[split] = str(out / split / "manifest.json")
+        result[f"num_{split}"] = int(sel.sum())
+    result.update(num_classes=10, size=size)
+    (out / "demo.json").write_text(json.dumps({"settings": settings, **result}, indent=1) + "\n")
+    return {**result, "reused": False}
+
+
+def _cached(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The previous result when ``demo.json`` and both manifests match ``settings``."""
+    meta = out / "demo.json"
+    if not meta.is_file():
+        return None
+    try:
+        info = json.loads(meta.read_text())
+        if info.pop("settings") != settings:
+            return None
+        for split in ("train", "val"):
+            m = read_manifest(info[split])
+            if m["total"] != info[f"num_{split}"] or not all(
+                (out / split / s["name"]).is_file() for s in m["shards"]
+            ):
+                return None
+    except (ValueError, KeyError, FileNotFoundError):
+        return None
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mimscale.data.demo OUT [--size 32] [--fmt png|jpeg]``; prints the result as JSON."""
+    p = argparse.ArgumentParser(prog="mimscale-demo-data", description=__doc__.splitlines()[0])
+    p.add_argument("out", help="output directory")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fmt", choices=["png", "jpeg"], default="png")
+    p.add_argument("--shard-size", type=int, default=256)
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    print(json.dumps(write_digits_shards(a.out, a.size, a.val_fraction, a.seed, a.fmt, a.shard_size)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

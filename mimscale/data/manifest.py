@@ -1,0 +1,167 @@
+"""Shard manifests and input resolution (manifest, brace pattern, local path or ``pipe:`` url).
+
+A manifest (``manifest.json`` beside the shards) is what lets training and evaluation know the
+epoch length and per-shard sample counts without scanning any tar file. Two other tools'
+formats are written beside it: open_clip's ``sizes.json`` and timm's ``_info.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "MANIFEST_FORMAT",
+    "ShardSource",
+    "read_manifest",
+    "resolve_source",
+    "write_manifest_files",
+]
+
+MANIFEST_FORMAT = "mimscale-shards/1"
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """Resolved input: shard urls and, when known, their sample counts.
+
+    Attributes:
+        urls: one url per shard (local path, ``pipe:`` command, anything WebDataset opens).
+        counts: samples per shard (same order), or None when no manifest was found.
+        classes: class name -> index, when the manifest has labels.
+        manifest: path of the manifest used, if any.
+    """
+
+    urls: tuple[str, ...]
+    counts: tuple[int, ...] | None = None
+    classes: dict[str, int] | None = None
+    manifest: str | None = None
+
+    @property
+    def total(self) -> int | None:
+        """Total samples, or None when counts are unknown."""
+        return sum(self.counts) if self.counts is not None else None
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load and check a shard manifest.
+
+    Args:
+        path: ``manifest.json`` or the directory that holds it.
+
+    Returns:
+        The manifest dict (keys: format, prefix, shards [{name, count, bytes, sha256}], total,
+        classes, source, settings, skipped).
+
+    Raises:
+        FileNotFoundError: no manifest at ``path``.
+        ValueError: the file is not a mimscale manifest or its totals disagree.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "manifest.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no shard manifest here (write one with data_prep/make_shards.py)")
+    with open(p) as f:
+        m = json.load(f)
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{p}: not a mimscale shard manifest (expected format {MANIFEST_FORMAT!r})")
+    total = sum(int(s["count"]) for s in m["shards"])
+    if total != m["total"]:
+        raise ValueError(f"{p}: shard counts sum to {total} but total says {m['total']}")
+    return m
+
+
+def _source_from_manifest(path: Path) -> ShardSource:
+    m = read_manifest(path)
+    base = path.parent if path.suffix == ".json" else path
+    return ShardSource(
+        urls=tuple(str(base / s["name"]) for s in m["shards"]),
+        counts=tuple(int(s["count"]) for s in m["shards"]),
+        classes=m.get("classes"),
+        manifest=str(base / "manifest.json") if path.is_dir() else str(path),
+    )
+
+
+def resolve_source(spec: str) -> ShardSource:
+    """Turn ``data.train`` / ``data.val`` into shard urls (and counts when a manifest exists).
+
+    Args:
+        spec: a manifest path (``.../manifest.json``), a directory holding ``manifest.json``, or
+            a WebDataset url pattern: brace-expanded (``in1k-{000000..001281}.tar``), ``::``
+            separated, local paths or ``pipe:`` commands. For a local pattern whose shards all
+            appear in a ``manifest.json`` beside them, the counts come from that manifest.
+
+    Returns:
+        The resolved :class:`ShardSource`.
+
+    Raises:
+        ValueError: an empty spec or a pattern that expands to nothing.
+    """
+    if not spec:
+        raise ValueError(
+            "data source is empty: set data.train / data.val to a manifest.json or a shard pattern"
+        )
+    p = Path(spec)
+    if spec.endswith(".json") or p.is_dir():
+        return _source_from_manifest(p)
+    from webdataset.shardlists import expand_urls  # braceexpand + "::" lists, as WebDataset does
+
+    urls = tuple(expand_urls(spec))
+    if not urls:
+        raise ValueError(f"{spec}: the shard pattern expands to no urls")
+    return _attach_sibling_manifest(urls)
+
+
+def _attach_sibling_manifest(urls: tuple[str, ...]) -> ShardSource:
+    """Counts for a local pattern from a manifest beside the shards, when it lists them all."""
+    if urls[0].startswith("pipe:") or "://" in urls[0]:
+        return ShardSource(urls=urls)
+    mpath = Path(urls[0]).parent / "manifest.json"
+    if not mpath.is_file():
+        return ShardSource(urls=urls)
+    try:
+        m = read_manifest(mpath)
+    except ValueError:
+        return ShardSource(urls=urls)
+    counts = {s["name"]: int(s["count"]) for s in m["shards"]}
+    names = [Path(u).name for u in urls]
+    if not all(n in counts and Path(u).parent == mpath.parent for n, u in zip(names, urls, strict=True)):
+        return ShardSource(urls=urls)
+    return ShardSource(
+        urls=urls, counts=tuple(counts[n] for n in names), classes=m.get("classes"), manifest=str(mpath)
+    )
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def write_manifest_files(out_dir: Path, manifest: dict[str, Any], split: str = "train") -> None:
+    """Write ``manifest.json``, open_clip's ``sizes.json`` and timm's ``_info.json`` atomically.
+
+    Args:
+        out_dir: the shard directory.
+        manifest: the mimscale manifest dict (see :func:`read_manifest`).
+        split: the split name timm's reader looks up in ``_info.json``.
+    """
+    shards = manifest["shards"]
+    _atomic_json(out_dir / "sizes.json", {s["name"]: s["count"] for s in shards})
+    info = {
+        "name": manifest["prefix"],
+        "splits": {
+            split: {
+                "name": split,
+                "filenames": [s["name"] for s in shards],
+                "shard_lengths": [s["count"] for s in shards],
+                "num_samples": manifest["total"],
+            }
+        },
+    }
+    _atomic_json(out_dir / "_info.json", info)
+    _atomic_json(out_dir / "manifest.json", manifest)  # last: its presence means "complete"

@@ -1,0 +1,243 @@
+"""Decode and augment one sample into several views, recording each view's crop exactly.
+
+Every view's geometry is a *crop record* of 7 floats, all in ORIGINAL image pixels::
+
+    (src_h, src_w, top, left, height, width, flip)
+
+``replay_crop(image_bytes, record, view)`` reproduces the view's pixels before the colour
+augmentations, bit for bit (a later issue stores records beside precomputed teacher targets
+and replays them, the FKD recipe of METHODS.md §6.1). The pixels are a pure function of
+(encoded bytes, record, view config, draft flag): the JPEG draft decision is derived from the
+record, never from state, so the pipeline and a replay always agree.
+
+All randomness comes from a ``np.random.Generator`` the caller seeds per sample; the
+parameter sampling follows torchvision's ``RandomResizedCrop.get_params`` semantics.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageFilter, ImageOps
+
+if TYPE_CHECKING:
+    from mimscale.config import ViewConfig
+
+__all__ = [
+    "CENTER_CROP_FRACTION",
+    "SRC_PADDING",
+    "augment_sample",
+    "draft_factor",
+    "replay_crop",
+    "sample_crop",
+    "to_chw",
+]
+
+CENTER_CROP_FRACTION = 0.875  # eval: resize 256 / center-crop 224 (MAE FINETUNE.md)
+SRC_PADDING = 4  # LC-MAE SRC: RandomCrop(size, padding=4, reflect) after the short-side resize
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def _rrc_params(
+    h: int, w: int, scale: Sequence[float], ratio: Sequence[float], rng: np.random.Generator
+) -> tuple[int, int, int, int]:
+    """torchvision RandomResizedCrop.get_params, driven by a numpy Generator.
+
+    Returns:
+        ``(top, left, height, width)`` in pixels of the ``h x w`` image.
+    """
+    area = h * w
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw = int(round(math.sqrt(target_area * aspect)))
+        ch = int(round(math.sqrt(target_area / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(rng.integers(0, h - ch + 1))
+            left = int(rng.integers(0, w - cw + 1))
+            return top, left, ch, cw
+    # Fallback: the whole image, cropped centrally to the nearest allowed ratio.
+    in_ratio = w / h
+    if in_ratio < min(ratio):
+        cw, ch = w, int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        ch, cw = h, int(round(h * max(ratio)))
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def _src_geometry(src_h: int, src_w: int, size: int) -> tuple[float, int, int]:
+    """SRC: the short-side resize factor and the resized image size ``(f, rh, rw)``."""
+    f = size / min(src_h, src_w)
+    return f, max(size, int(round(src_h * f))), max(size, int(round(src_w * f)))
+
+
+def sample_crop(src_h: int, src_w: int, view: ViewConfig, rng: np.random.Generator) -> np.ndarray:
+    """Draw one view's geometry.
+
+    Args:
+        src_h: original image height in pixels.
+        src_w: original image width in pixels.
+        view: the view's config (crop kind, size, scale, ratio, hflip).
+        rng: the sample's generator.
+
+    Returns:
+        float64 ``[7]`` crop record ``(src_h, src_w, top, left, height, width, flip)``.
+    """
+    if view.crop == "rrc":
+        top, left, ch, cw = _rrc_params(src_h, src_w, view.scale, view.ratio, rng)
+        box = (float(top), float(left), float(ch), float(cw))
+    elif view.crop == "src":
+        f, rh, rw = _src_geometry(src_h, src_w, view.size)
+        p = SRC_PADDING
+        oy = int(rng.integers(0, rh + 2 * p - view.size + 1)) - p
+        ox = int(rng.integers(0, rw + 2 * p - view.size + 1)) - p
+        box = (oy / f, ox / f, view.size / f, view.size / f)  # may extend into the reflect pad
+    elif view.crop == "center":
+        side = max(1, int(round(min(src_h, src_w) * CENTER_CROP_FRACTION)))
+        box = (float((src_h - side) // 2), float((src_w - side) // 2), float(side), float(side))
+    elif view.crop == "resize":
+        box = (0.0, 0.0, float(src_h), float(src_w))
+    else:
+        raise ValueError(f"unknown crop kind {view.crop!r}")
+    flip = float(view.hflip > 0 and rng.random() < view.hflip)
+    return np.array([src_h, src_w, *box, flip], dtype=np.float64)
+
+
+def draft_factor(record: Sequence[float], view: ViewConfig) -> int:
+    """Largest JPEG DCT reduction (1, 2, 4 or 8) that still leaves the crop >= the view size.
+
+    Draft decoding is only allowed when the crop will be downscaled anyway, so it never
+    upsamples a reduced image. Derived from the record alone so replays agree.
+    """
+    src_h, src_w, _, _, ch, cw, _ = (float(x) for x in record)
+    if view.crop == "src":
+        ch = cw = min(src_h, src_w)  # the whole image is resized so its short side = size
+    for d in (8, 4, 2):
+        if ch / d >= view.size and cw / d >= view.size:
+            return d
+    return 1
+
+
+def _decode(data: bytes, factor: int) -> tuple[Image.Image, int]:
+    """Decode to RGB, with JPEG draft reduction ``factor``; returns (image, actual reduction)."""
+    img = Image.open(io.BytesIO(data))
+    src_w = img.size[0]
+    if factor > 1 and img.format == "JPEG":
+        img.draft(img.mode, (max(1, img.size[0] // factor), max(1, img.size[1] // factor)))
+    img = img.convert("RGB")
+    # The DCT reduction is an integer; the reduced width is ceil(src_w / d), so round the ratio.
+    return img, max(1, int(round(src_w / img.size[0])))
+
+
+def _geometric(img: Image.Image, reduction: int, record: Sequence[float], view: ViewConfig) -> Image.Image:
+    """Apply a crop record to an image decoded with DCT ``reduction``; returns ``size x size`` RGB."""
+    src_h, src_w, top, left, ch, cw, flip = (float(x) for x in record)
+    resample = _RESAMPLE[view.interpolation]
+    s = view.size
+    if view.crop == "src":
+        f, rh, rw = _src_geometry(int(src_h), int(src_w), s)
+        p = SRC_PADDING
+        resized = np.asarray(img.resize((rw, rh), resample))
+        padded = np.pad(resized, ((p, p), (p, p), (0, 0)), mode="reflect")
+        oy, ox = int(round(top * f)) + p, int(round(left * f)) + p
+        out = Image.fromarray(np.ascontiguousarray(padded[oy : oy + s, ox : ox + s]))
+    else:
+        r = reduction
+        box = (left / r, top / r, (left + cw) / r, (top + ch) / r)
+        out = img.resize((s, s), resample, box=box)
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
+
+
+def replay_crop(
+    image: bytes | Image.Image, record: Sequence[float], view: ViewConfig, draft: bool = True
+) -> np.ndarray:
+    """Reproduce a view's pixels (geometric part: crop, resize, flip) from its record.
+
+    Args:
+        image: the encoded image bytes as stored in the shard (needed for bit-exact JPEG draft
+            decoding), or an already decoded PIL image (exact only when no draft was used).
+        record: the 7-float crop record, in original pixels.
+        view: the view's config (size, crop kind, interpolation).
+        draft: whether the pipeline decoded with draft mode (``data.draft``).
+
+    Returns:
+        uint8 ``[3, size, size]``.
+    """
+    if isinstance(image, Image.Image):
+        img, reduction = image.convert("RGB"), 1
+    else:
+        img, reduction = _decode(image, draft_factor(record, view) if draft else 1)
+    return to_chw(_geometric(img, reduction, record, view))
+
+
+def _color_jitter(img: Image.Image, strength: float, rng: np.random.Generator) -> Image.Image:
+    """torchvision ColorJitter(s, s, s, s/4) semantics: random order, factors from ``rng``."""
+    import torchvision.transforms.functional as tf  # heavy; imported only when jitter is on
+
+    lo = max(0.0, 1.0 - strength)
+    factors = [rng.uniform(lo, 1.0 + strength) for _ in range(3)] + [rng.uniform(-strength / 4, strength / 4)]
+    ops = (tf.adjust_brightness, tf.adjust_contrast, tf.adjust_saturation, tf.adjust_hue)
+    for i in rng.permutation(4):
+        img = ops[i](img, factors[i])
+    return img
+
+
+def _photometric(img: Image.Image, view: ViewConfig, rng: np.random.Generator) -> Image.Image:
+    """Colour jitter, grayscale, gaussian blur (sigma ~ U(0.1, 2), SimCLR/BYOL), solarise (128)."""
+    if view.color_jitter > 0 and rng.random() < view.color_jitter_p:
+        img = _color_jitter(img, view.color_jitter, rng)
+    if view.grayscale_p > 0 and rng.random() < view.grayscale_p:
+        img = img.convert("L").convert("RGB")
+    if view.blur_p > 0 and rng.random() < view.blur_p:
+        img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.1, 2.0))))
+    if view.solarize_p > 0 and rng.random() < view.solarize_p:
+        img = ImageOps.solarize(img, threshold=128)
+    return img
+
+
+def to_chw(img: Image.Image) -> np.ndarray:
+    """PIL RGB -> uint8 ``[3, H, W]`` (contiguous)."""
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def augment_sample(
+    data: bytes, views: Sequence[ViewConfig], rng: np.random.Generator, draft: bool = True
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Decode one encoded image and produce all its views.
+
+    The image is decoded once per distinct draft reduction (usually once in total), the
+    geometry of every view is drawn first, then each view's colour augmentations.
+
+    Args:
+        data: encoded image bytes (any format PIL reads).
+        views: one config per view.
+        rng: the sample's generator (seeded by the pipeline per sample).
+        draft: allow JPEG draft decoding when a view's crop is downscaled anyway.
+
+    Returns:
+        ``(images, records)``: a list of uint8 ``[3, size_v, size_v]`` arrays, one per view, and
+        the float64 ``[V, 7]`` crop records in original pixels.
+
+    Raises:
+        PIL.UnidentifiedImageError, OSError: when the bytes are not a decodable image.
+    """
+    header = Image.open(io.BytesIO(data))
+    src_w, src_h = header.size
+    records = np.stack([sample_crop(src_h, src_w, v, rng) for v in views])
+    decoded: dict[int, tuple[Image.Image, int]] = {}
+    images = []
+    for view, record in zip(views, records, strict=True):
+        factor = draft_factor(record, view) if draft else 1
+        if factor not in decoded:
+            decoded[factor] = _decode(data, factor)
+        img, reduction = decoded[factor]
+        out = _photometric(_geometric(img, reduction, record, view), view, rng)
+        images.append(to_chw(out))
+    return images, records

@@ -1,0 +1,102 @@
+"""Checkpoints through DeepSpeed's own save/load, with an atomic ``latest`` pointer.
+
+DeepSpeed writes its ``latest`` file from rank 0 before the final barrier and not atomically,
+so a kill during a save can leave ``latest`` naming a half-written tag. We save with
+``save_latest=False`` and, after every rank has finished, rank 0 writes our own pointer
+(``LATEST``, via a temp file and ``os.replace``). A tag without the pointer is never loaded,
+so a kill at any point leaves the previous checkpoint as the resume point.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mimscale.config import Recipe, save_recipe
+from mimscale.engine.distributed import barrier
+
+POINTER = "LATEST"
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def read_pointer(ckpt_dir: str | Path) -> str | None:
+    """The tag of the latest complete checkpoint, or None."""
+    p = Path(ckpt_dir) / POINTER
+    if not p.is_file():
+        return None
+    tag = p.read_text().strip()
+    return tag if (Path(ckpt_dir) / tag).is_dir() else None
+
+
+def _write_pointer(ckpt_dir: Path, tag: str) -> None:
+    tmp = ckpt_dir / f".{POINTER}.tmp"
+    tmp.write_text(tag + "\n")
+    with open(tmp) as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, ckpt_dir / POINTER)
+
+
+def _prune(ckpt_dir: Path, keep_last: int, current: str) -> None:
+    tags = sorted(
+        (p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step")),
+        key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1,
+    )
+    for p in tags[: max(0, len(tags) - keep_last)]:
+        if p.name != current:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def save(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], recipe: Recipe,
+         rank: int, keep_last: int) -> str:
+    """Save a checkpoint on all ranks; return its tag. Collective: call on every rank.
+
+    Per-rank RNG states are written beside DeepSpeed's files (DeepSpeed's ``client_state``
+    is stored once, by rank 0).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    tag = f"step{step:08d}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+    if rank == 0:
+        save_recipe(recipe, ckpt_dir / tag / "recipe.yaml")
+    barrier()  # every rank's files are on disk before the pointer moves
+    if rank == 0:
+        _write_pointer(ckpt_dir, tag)
+        _prune(ckpt_dir, keep_last, tag)
+    barrier()
+    return tag
+
+
+def load(engine, ckpt_dir: str | Path, tag: str, rank: int) -> dict[str, Any]:
+    """Load ``tag`` (model, optimizer, scheduler through DeepSpeed) and this rank's RNG state.
+
+    Returns:
+        The client state saved with the checkpoint.
+    """
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if path is None:
+        raise RuntimeError(f"checkpoint {Path(ckpt_dir) / tag} could not be loaded by DeepSpeed")
+    rng = Path(ckpt_dir) / tag / f"rng_rank{rank}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return client or {}

@@ -1,0 +1,49 @@
+"""Console + JSONL + (optional) wandb metrics. Only rank 0 writes."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from mimscale.config import Recipe
+
+
+class MetricLogger:
+    """Writes one JSON object per log step to ``run_dir/metrics.jsonl`` and a console line."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, rank: int, extra_meta: dict[str, Any] | None = None):
+        self.enabled = rank == 0
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb = None
+        if self.enabled and recipe.wandb.enabled and recipe.wandb.mode != "disabled":
+            import wandb  # lazy: wandb is heavy and never needed by tests
+
+            w = recipe.wandb
+            self.wandb = wandb.init(
+                project=w.project, entity=w.entity, name=w.name or recipe.run.name, tags=w.tags,
+                mode=w.mode, dir=str(run_dir), config={**recipe.to_dict(), "meta": extra_meta or {}},
+            )
+
+    def log(self, record: dict[str, Any], console: str | None = None) -> None:
+        if not self.enabled:
+            return
+        record = {"time": time.time(), **record}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if console:
+            print(console, flush=True)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def format_eta(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}"

@@ -1,0 +1,284 @@
+"""The training loop: build everything from a recipe, then step, log and checkpoint.
+
+The loop knows nothing about methods: it reads ``MethodOutput.loss`` and logs ``metrics``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from mimscale.config import Derived, Recipe, derive, save_recipe
+from mimscale.engine import checkpoint
+from mimscale.engine.distributed import DistInfo, all_true, init_distributed
+from mimscale.engine.logger import MetricLogger, format_eta
+from mimscale.engine.optim import build_optimizer, deepspeed_config, use_bf16
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when non-finite losses persist after reloading the last good checkpoint."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps applied
+    samples: int = 0  # samples consumed (all ranks)
+    bad_steps: int = 0  # steps skipped for a non-finite loss (total)
+    consecutive_bad: int = 0
+    reloaded: bool = False
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare_batch(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """uint8 views -> device, ImageNet-normalised ``images`` in the engine's dtype."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    views = [v.to(device, non_blocking=True) for v in batch["views"]]
+    out = dict(batch)
+    out["views"] = views
+    out["images"] = [((v.float() - mean) / std).to(dtype) for v in views]
+    if "mask" in batch:
+        out["mask"] = batch["mask"].to(device, non_blocking=True)
+    if "labels" in batch:
+        out["labels"] = batch["labels"].to(device, non_blocking=True)
+    return out
+
+
+def build_target_provider(recipe: Recipe, device: torch.device) -> Any:
+    """The method's frozen target provider, or None when the method needs no teacher."""
+    from mimscale.methods import METHODS
+
+    if not getattr(METHODS[recipe.method], "needs_teacher", False):
+        return None
+    from mimscale.teachers import build_provider
+
+    return build_provider(recipe, device)
+
+
+def _stream(loader) -> Iterator[dict[str, Any]]:
+    """Batches across epoch boundaries; the loader's position stays exact for checkpoints."""
+    while True:
+        yield from loader
+        loader.set_epoch(loader.state_dict()["epoch"] + 1)
+
+
+def train_step(engine, micro_batches: list[dict[str, Any]], device: torch.device,
+               dtype: torch.dtype, targets_fn: Any = None) -> list[Any]:
+    """Forward/backward every micro-batch, then one optimizer step; returns the good outputs.
+
+    A micro-batch whose loss is non-finite on any rank gets no backward on any rank (the
+    decision must agree, or ZeRO's gradient reduction would hang): this costs one scalar
+    all-reduce per micro-batch. With one micro-batch per step the whole step is skipped (an
+    empty list is returned); with accumulation the bad micro-batches drop out of the average.
+    ``targets_fn(batch)`` is the frozen target provider (teacher), run outside the engine.
+    """
+    outs = []
+    for batch in micro_batches:
+        b = prepare_batch(batch, device, dtype)
+        targets = targets_fn(b) if targets_fn is not None else None
+        out = engine(b, b.get("mask"), targets)
+        if not all_true(bool(torch.isfinite(out.loss.detach()).item()), device):
+            if len(micro_batches) > 1:
+                engine.step()  # keep DeepSpeed's micro-step counter aligned
+            continue
+        engine.backward(out.loss)
+        engine.step()
+        outs.append(out)
+    return outs
+
+
+class Trainer:
+    """Owns the engine, the data stream, the state and the logger of one run."""
+
+    def __init__(self, recipe: Recipe):
+        from mimscale.data.pipeline import build_train_loader
+        from mimscale.methods import METHODS
+
+        self.r = recipe
+        self.dist: DistInfo = init_distributed()
+        if recipe.run.deterministic:
+            torch.use_deterministic_algorithms(True)
+        seed_everything(recipe.run.seed)  # identical initial weights on every rank
+        method = METHODS[recipe.method](recipe)
+        seed_everything(recipe.run.seed + 1000 * (self.dist.rank + 1))  # per-rank dropout/drop-path
+        t = recipe.train
+        self.loader = build_train_loader(
+            recipe.data, recipe.mask, img_size=recipe.model.img_size, patch_size=recipe.model.patch_size,
+            batch_size=t.micro_batch, seed=recipe.run.seed, rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+        samples = self.loader.batches_per_epoch * t.micro_batch * self.dist.world_size
+        self.d: Derived = derive(recipe, self.dist.world_size, samples)
+        self.engine = self._build_engine(method)
+        # The frozen teacher is built here, outside deepspeed.initialize (DeepSpeed #3175).
+        self.targets_fn = build_target_provider(recipe, self.dist.device)
+        self.dtype = torch.bfloat16 if use_bf16(recipe, self.dist.device) else torch.float32
+        self.run_dir = Path(recipe.run.out_dir) / recipe.run.name
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.state = TrainState()
+        if self.dist.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_recipe(recipe, self.run_dir / "recipe.yaml")
+        self.logger = MetricLogger(recipe, self.run_dir, self.dist.rank, extra_meta={"derived": vars(self.d)})
+        if recipe.run.resume == "auto":
+            self._maybe_resume()
+
+    @property
+    def method(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def _build_engine(self, method: torch.nn.Module):
+        import deepspeed
+
+        if self.r.train.activation_checkpointing:
+            method.set_grad_checkpointing(True)
+        method.to(self.dist.device)
+        opt, sched = build_optimizer(method, self.r, self.d, self.dist.device)
+        engine, _, _, _ = deepspeed.initialize(
+            model=method, optimizer=opt, lr_scheduler=sched,
+            config=deepspeed_config(self.r, self.d, self.dist.device),
+        )
+        return engine
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _maybe_resume(self) -> None:
+        tag = checkpoint.read_pointer(self.ckpt_dir)
+        if tag is None:
+            return
+        self._load(tag)
+        if self.dist.rank == 0:
+            print(f"[mimscale] resumed from {self.ckpt_dir / tag} at step {self.state.step}", flush=True)
+
+    def _load(self, tag: str, restore_data: bool = True) -> None:
+        client = checkpoint.load(self.engine, self.ckpt_dir, tag, self.dist.rank)
+        self.state.step = client["step"]
+        self.state.samples = client["samples"]
+        if restore_data:
+            self.loader.load_state_dict(client["data"])
+            self.state.bad_steps = client.get("bad_steps", 0)
+
+    def save(self) -> str:
+        client = {
+            "step": self.state.step,
+            "samples": self.state.samples,
+            "data": self.loader.state_dict(),
+            "bad_steps": self.state.bad_steps,
+            "recipe": self.r.to_dict(),
+        }
+        return checkpoint.save(
+            self.engine, self.ckpt_dir, self.state.step, client, self.r, self.dist.rank, self.r.train.keep_last
+        )
+
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self, micro_batches: list[dict[str, Any]]) -> bool:
+        outs = train_step(self.engine, micro_batches, self.dist.device, self.dtype, self.targets_fn)
+        for out in outs:
+            self._accumulate(out, len(micro_batches))
+        return bool(outs)
+
+    def _accumulate(self, out, n: int) -> None:
+        m = self.state.metrics
+        for k, v in {"loss": out.loss, **out.metrics}.items():
+            v = v.detach().float() / n
+            m[k] = m[k] + v if k in m else v
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> Path:
+        """Train until the recipe's total steps (or ``train.max_steps``); return the run dir."""
+        t, d = self.r.train, self.d
+        stop = min(d.total_steps, t.max_steps) if t.max_steps else d.total_steps
+        stream = _stream(self.loader)
+        if self.dist.rank == 0:
+            print(f"[mimscale] {self.r.method}: {stop - self.state.step} steps to go; lr {d.lr:.3g}, "
+                  f"accum {d.grad_accum}, world {d.world_size}, run dir {self.run_dir}", flush=True)
+        t0, wait, steps_since = time.perf_counter(), 0.0, 0
+        keys_log = self._keys_log()
+        while self.state.step < stop:
+            w0 = time.perf_counter()
+            micro = [next(stream) for _ in range(d.grad_accum)]
+            wait += time.perf_counter() - w0
+            self.state.samples += t.global_batch
+            if keys_log is not None:
+                keys_log.write(" ".join(k for b in micro for k in b["keys"]) + "\n")
+            if not self.train_step(micro):
+                self._on_bad_step()
+                continue
+            self.state.consecutive_bad = 0
+            self.state.step += 1
+            self.method.after_step(self.state.step)  # e.g. EMA updates
+            steps_since += 1
+            if self.state.step % t.log_every == 0 or self.state.step == stop:
+                self._log(time.perf_counter() - t0, wait, steps_since, stop, micro)
+                t0, wait, steps_since = time.perf_counter(), 0.0, 0
+            if self.state.step % t.ckpt_every == 0 and self.state.step != stop:
+                self.save()
+        self.save()
+        self.logger.close()
+        if keys_log is not None:
+            keys_log.close()
+        return self.run_dir
+
+    def _keys_log(self):
+        if not self.r.train.log_keys:
+            return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        return open(self.run_dir / f"keys_rank{self.dist.rank}.txt", "a")
+
+    def _on_bad_step(self) -> None:
+        s = self.state
+        s.bad_steps += 1
+        s.consecutive_bad += 1
+        if self.dist.rank == 0:
+            print(f"[mimscale] step {s.step}: non-finite loss, step skipped ({s.bad_steps} so far)", flush=True)
+        if s.consecutive_bad < self.r.train.nan_patience:
+            return
+        tag = checkpoint.read_pointer(self.ckpt_dir)
+        if s.reloaded or tag is None:
+            where = f"after reloading {self.ckpt_dir / tag}" if s.reloaded else "and no checkpoint to reload"
+            raise NonFiniteLossError(
+                f"{s.consecutive_bad} consecutive non-finite losses at step {s.step} {where}; stopping"
+            )
+        if self.dist.rank == 0:
+            print(f"[mimscale] reloading last good checkpoint {self.ckpt_dir / tag}", flush=True)
+        self._load(tag, restore_data=False)  # new data from here on: the same batches would fail again
+        s.reloaded, s.consecutive_bad = True, 0
+
+    def _log(self, elapsed: float, wait: float, steps: int, stop: int, micro: list[dict[str, Any]]) -> None:
+        m = {k: v.item() / steps for k, v in self.state.metrics.items()}  # the only host sync
+        self.state.metrics = {}
+        lr = self.engine.get_lr()[0]
+        ips = steps * self.r.train.global_batch / max(elapsed, 1e-9)
+        eta = (stop - self.state.step) * elapsed / max(steps, 1)
+        skipped = sum(int(b.get("n_skipped", 0)) for b in micro)
+        rec = {
+            "step": self.state.step, "samples": self.state.samples, "lr": lr, "img_per_s": ips,
+            "data_wait": wait / max(elapsed, 1e-9), "bad_steps": self.state.bad_steps,
+            "shard_errors": skipped, **m,
+        }
+        terms = " ".join(f"{k} {v:.4f}" for k, v in m.items())
+        line = (f"step {self.state.step}/{stop} {terms} lr {lr:.3e} {ips:.1f} img/s "
+                f"data {100 * rec['data_wait']:.0f}% eta {format_eta(eta)}")
+        self.logger.log(rec, line)
+
+
+def train(recipe: Recipe) -> Path:
+    """Run (or resume) the recipe on this process' share of the world; return the run dir."""
+    return Trainer(recipe).fit()

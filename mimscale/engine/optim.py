@@ -1,0 +1,121 @@
+"""Optimizer parameter groups, the lr schedule and the DeepSpeed JSON, built from a recipe."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from mimscale.config import Derived, Recipe
+
+# Parameter names (suffixes) that the fine-tune exclusion set ("ndim1_bias_tokens") keeps out of
+# weight decay on top of ndim <= 1 params; MAE pre-training decays the 3-D tokens (METHODS.md §6.8).
+TOKEN_NAMES = ("cls_token", "pos_embed", "mask_token", "dist_token", "reg_token")
+
+
+def no_decay_names(model: nn.Module, rule: str) -> set[str]:
+    """Names of trainable parameters that get no weight decay under ``rule``.
+
+    Args:
+        model: the method (only ``requires_grad`` parameters are considered).
+        rule: ``ndim1_bias`` (MAE / timm ``add_weight_decay``: ndim <= 1 or ``.bias``) or
+            ``ndim1_bias_tokens`` (additionally cls/pos/mask tokens, as MAE fine-tuning).
+    """
+    out = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias"):
+            out.add(name)
+        elif rule == "ndim1_bias_tokens" and name.split(".")[-1] in TOKEN_NAMES:
+            out.add(name)
+    return out
+
+
+def param_groups(model: nn.Module, r: Recipe) -> list[dict[str, Any]]:
+    """AdamW groups: weight-decay exclusion per the recipe, optional layer-wise lr decay.
+
+    Both come from timm (``param_groups_weight_decay`` / ``param_groups_layer_decay``) with our
+    exclusion set passed as exact names. Layer decay groups through the model's
+    ``group_matcher`` (MAE ``util/lr_decay`` numbering: embeddings 0, block k -> k+1, the rest
+    last, so decoders and heads get scale 1).
+    Frozen parameters are in no group; every trainable parameter is in exactly one.
+    Each group carries ``lr_scale`` (1.0 without layer decay).
+    """
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+    o = r.optim
+    skip = no_decay_names(model, o.wd_exclude)
+    if o.layer_decay is not None:
+        groups = param_groups_layer_decay(
+            model, weight_decay=o.weight_decay, no_weight_decay_list=list(skip), layer_decay=o.layer_decay
+        )
+    else:
+        groups = param_groups_weight_decay(model, weight_decay=o.weight_decay, no_weight_decay_list=list(skip))
+    for g in groups:
+        g.setdefault("lr_scale", 1.0)
+    return groups
+
+
+def lr_factor(step: int, r: Recipe, d: Derived) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (per-iteration, as MAE lr_sched).
+
+    Linear warmup from ``warmup_lr`` to the peak, then half-cycle cosine to ``min_lr``
+    (or multistep decay at ``milestones`` epochs, as SimMIM; or constant).
+    """
+    o = r.optim
+    if step < d.warmup_steps:
+        start = o.warmup_lr / d.lr
+        return start + (1.0 - start) * step / d.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    if o.schedule == "multistep":
+        passed = sum(step >= m * d.steps_per_epoch for m in o.milestones)
+        return o.gamma**passed
+    floor = o.min_lr / d.lr
+    span = max(1, d.total_steps - d.warmup_steps)
+    progress = min(1.0, (step - d.warmup_steps) / span)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, r: Recipe, d: Derived, device: torch.device):
+    """AdamW over :func:`param_groups` plus a LambdaLR of :func:`lr_factor`.
+
+    DeepSpeed steps the scheduler after every optimizer step and saves/loads its state.
+    """
+    groups = param_groups(model, r)
+    for g in groups:
+        g["lr"] = d.lr * g["lr_scale"]
+    opt = torch.optim.AdamW(
+        groups, lr=d.lr, betas=tuple(r.optim.betas), eps=r.optim.eps, fused=device.type == "cuda"
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, r, d))
+    return opt, sched
+
+
+def use_bf16(r: Recipe, device: torch.device) -> bool:
+    if r.train.precision == "auto":
+        return device.type == "cuda"
+    return r.train.precision == "bf16"
+
+
+def deepspeed_config(r: Recipe, d: Derived, device: torch.device) -> dict[str, Any]:
+    """The DeepSpeed JSON, from a few named recipe settings (EVA-02 style)."""
+    t = r.train
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.zero_stage == 3:
+        # Keep every parameter partitioned (small tiny-model params too) so tests exercise ZeRO-3.
+        zero.update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=1e9)
+    return {
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": d.grad_accum,
+        "gradient_clipping": r.optim.clip_grad or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": use_bf16(r, device)},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,83 @@
+"""The seam between a method and the engine.
+
+A method is an ``nn.Module`` built from a :class:`~mimscale.config.Recipe`. The engine calls
+``forward(batch, mask, targets)`` and only reads ``MethodOutput.loss`` (and logs ``metrics``);
+it never branches on a method's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from mimscale.config import Recipe
+
+
+class MethodOutput(NamedTuple):
+    """What a method returns. ``metrics`` holds detached scalars (loss terms etc.).
+
+    ``aux`` carries tensors for plug-ins, never read by the engine. Methods with
+    ``feeds_mask_tokens`` fill it when ``return_stack_hidden`` is set (MTO, METHODS.md §5.1):
+    ``aux["stack_hidden"]``: the ``L + 1`` states of the stack that carries mask tokens, each
+    ``[B, N, D]`` (patch rows only, raster order; entry 0 enters block 1, entry l leaves block l);
+    ``aux["stack_mask"]``: bool ``[B, N]``, True = the row is a mask token (= the batch mask).
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+    aux: Mapping[str, Any] = MappingProxyType({})  # immutable empty default, never shared state
+
+
+class Method(nn.Module):
+    """Base class of every pre-training method.
+
+    Class attributes describe what the method needs so the engine and the recipe validator can
+    act without knowing the method:
+
+    - ``Config``: the dataclass of the method's own recipe section (keyed by the method name).
+    - ``num_views``: augmented views it consumes (``batch["images"]`` has that many entries).
+    - ``feeds_mask_tokens``: mask tokens go through a transformer stack (MTO can attach).
+    - ``needs_equal_mask_count``: visible tokens are gathered to ``[B, |V|, D]``.
+
+    Batch contract (built by the engine from the data pipeline):
+        ``batch["images"]``: list of float ``[B, 3, H, W]``, ImageNet-normalised on device.
+        ``batch["views"]``: the same views as uint8 ``[B, 3, H, W]`` (teachers renormalise).
+        ``batch["labels"]``: long ``[B]`` (-1 when unlabeled); ``batch["keys"]``: list[str].
+        ``mask``: bool ``[B, N]``, ``True = masked`` (defined once, never inverted).
+        ``targets``: teacher outputs or ``None``.
+    """
+
+    Config: ClassVar[type]
+    num_views: ClassVar[int] = 1
+    feeds_mask_tokens: ClassVar[bool] = False
+    needs_equal_mask_count: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = False  # the engine builds mimscale.teachers.build_provider(recipe)
+    encoder: nn.Module
+    # Set by a plug-in (MTO) to receive the mask-token stack's hidden states in ``aux``.
+    return_stack_hidden: bool = False
+
+    @classmethod
+    def check_recipe(cls, recipe: Recipe) -> None:
+        """Raise ``RecipeError`` (naming the key) for recipes this method cannot run."""
+
+    def forward(self, batch: dict[str, Any], mask: torch.Tensor, targets: Any = None) -> MethodOutput:
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Called after every optimizer step (e.g. EMA updates)."""
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Layer-decay grouping for ``timm.optim.param_groups_layer_decay`` (MAE numbering:
+        encoder embeddings 0, encoder block k -> k + 1, everything else -> L + 1)."""
+        return self.encoder.group_matcher(coarse, prefix="encoder.")
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing on every submodule that supports it (encoder, decoders)."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "set_grad_checkpointing"):
+                m.set_grad_checkpointing(enable)

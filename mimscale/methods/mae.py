@@ -1,0 +1,144 @@
+"""MAE: Masked Autoencoders Are Scalable Vision Learners (He et al., CVPR 2022).
+
+METHODS.md §1.3. The encoder sees the visible patches only; a light decoder (8 x 512, 16 heads)
+inserts mask tokens and predicts the pixels of every patch; the loss is the per-patch
+normalised pixel MSE averaged over masked patches. Masks come from the batch (random, 0.75).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from mimscale.config import RecipeError
+from mimscale.methods.base import Method, MethodOutput
+from mimscale.models.decoders import MAEDecoder
+from mimscale.models.vit import ViTEncoder
+
+if TYPE_CHECKING:
+    from mimscale.config import Recipe
+
+
+def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
+    """Cut images into flattened patches.
+
+    Args:
+        images: ``[B, C, H, W]`` with H and W multiples of ``p``.
+        p: patch size.
+
+    Returns:
+        ``[B, N, p * p * C]``, patches in raster order, values in (p, q, c) order (MAE's layout:
+        row within the patch, column within the patch, channel).
+    """
+    b, c, hh, ww = images.shape
+    h, w = hh // p, ww // p
+    x = images.reshape(b, c, h, p, w, p)
+    x = torch.einsum("bchpwq->bhwpqc", x)
+    return x.reshape(b, h * w, p * p * c)
+
+
+def unpatchify(patches: torch.Tensor, p: int, grid: tuple[int, int], channels: int = 3) -> torch.Tensor:
+    """Inverse of :func:`patchify`: ``[B, N, p * p * C]`` -> ``[B, C, h * p, w * p]``."""
+    b = patches.shape[0]
+    h, w = grid
+    x = patches.reshape(b, h, w, p, p, channels)
+    x = torch.einsum("bhwpqc->bchpwq", x)
+    return x.reshape(b, channels, h * p, w * p)
+
+
+def pixel_mse_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True
+) -> torch.Tensor:
+    """MAE reconstruction loss, in fp32 whatever the autocast dtype (METHODS.md §6.6).
+
+    Args:
+        pred: ``[B, N, P]`` predicted patches.
+        target: ``[B, N, P]`` patchified input (ImageNet-normalised).
+        mask: bool ``[B, N]``, True = masked; only masked patches count.
+        norm_pix: normalise each target patch by its mean and unbiased variance (+ 1e-6).
+
+    Returns:
+        Scalar: mean over masked (b, i) of the per-patch mean squared error.
+    """
+    pred, target = pred.float(), target.float()
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)  # unbiased, as torch.var's default in MAE
+        target = (target - mean) / (var + 1.0e-6) ** 0.5
+    per_patch = ((pred - target) ** 2).mean(dim=-1)  # [B, N]
+    w = mask.float()
+    return (per_patch * w).sum() / w.sum()
+
+
+class MAE(Method):
+    """MAE with a timm ViT encoder (``self.encoder``) and :class:`MAEDecoder` (``self.decoder``).
+
+    Args:
+        recipe: the validated recipe; ``recipe.model`` sizes the encoder and ``recipe.method_cfg``
+            (:class:`MAE.Config`) the decoder and the loss.
+    """
+
+    @dataclass
+    class Config:
+        """The ``mae:`` recipe section (defaults: MAE ViT-B/L/H pre-training)."""
+
+        norm_pix: bool = True  # per-patch normalised pixel target (--norm_pix_loss)
+        decoder_dim: int = 512
+        decoder_depth: int = 8
+        decoder_heads: int = 16
+
+    feeds_mask_tokens: ClassVar[bool] = True  # the decoder carries the mask tokens (MTO host)
+    needs_equal_mask_count: ClassVar[bool] = True  # visible tokens are gathered to [B, |V|, D]
+
+    def __init__(self, recipe: Recipe) -> None:
+        super().__init__()
+        cfg: MAE.Config = recipe.method_cfg or MAE.Config()
+        self.cfg = cfg
+        self.encoder = ViTEncoder(recipe.model)
+        p = self.encoder.patch_size
+        self.decoder = MAEDecoder(
+            self.encoder.embed_dim,
+            self.encoder.grid,
+            out_dim=p * p * 3,
+            dim=cfg.decoder_dim,
+            depth=cfg.decoder_depth,
+            num_heads=cfg.decoder_heads,
+        )
+
+    @classmethod
+    def check_recipe(cls, recipe: Recipe) -> None:
+        """Reject recipes MAE cannot run, naming the key."""
+        if recipe.mask.kind == "none":
+            raise RecipeError(".mask.kind: MAE reconstructs masked patches; 'none' masks nothing")
+        if recipe.model.rel_pos_bias != "none":
+            raise RecipeError(".model.rel_pos_bias: MAE encodes visible tokens only; use 'none'")
+        cfg = recipe.method_cfg or cls.Config()
+        if cfg.decoder_dim % cfg.decoder_heads or cfg.decoder_dim % 4:
+            raise RecipeError(
+                f".mae.decoder_dim: {cfg.decoder_dim} must be a multiple of 4 and of "
+                f"mae.decoder_heads={cfg.decoder_heads}"
+            )
+
+    def forward(self, batch: dict[str, Any], mask: torch.Tensor, targets: Any = None) -> MethodOutput:
+        """One MAE step.
+
+        Args:
+            batch: ``batch["images"][0]`` is float ``[B, 3, H, W]``, ImageNet-normalised.
+            mask: bool ``[B, N]``, True = masked, the same count in every sample.
+            targets: unused (MAE reconstructs its own input).
+
+        Returns:
+            ``MethodOutput(loss, {"loss_pix": ...}, aux)``; ``aux`` holds the decoder's hidden
+            states when ``return_stack_hidden`` is set.
+        """
+        images = batch["images"][0]
+        latent = self.encoder(images, mask, mode="visible").x  # [B, 1 + |V|, D]
+        dec = self.decoder(latent, mask, return_hidden=self.return_stack_hidden)
+        target = patchify(images, self.encoder.patch_size)  # [B, N, p*p*3]
+        loss = pixel_mse_loss(dec.pred, target, mask, self.cfg.norm_pix)
+        aux: dict[str, Any] = {}
+        if self.return_stack_hidden:
+            aux = {"stack_hidden": [h[:, 1:] for h in dec.hidden], "stack_mask": mask}
+        return MethodOutput(loss, {"loss_pix": loss.detach()}, aux)

@@ -1,0 +1,65 @@
+"""The method contract, parametrised over the METHODS registry (STYLE.md point 14).
+
+Every registered method ships ``recipes/<name>/cpu_tiny.yaml``; built from it on CPU, one
+forward/backward gives a finite loss, every trainable parameter (and only those) gets a
+gradient, the teacher gets none, and each trainable parameter lands in exactly one optimizer
+group (with and without layer-wise lr decay) while frozen ones land in none.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimscale.bench import synthetic_batch
+from mimscale.config import load_recipe
+from mimscale.engine.loop import build_target_provider, prepare_batch, seed_everything
+from mimscale.engine.optim import param_groups
+from mimscale.methods import METHODS
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def build(name: str, *overrides: str):
+    recipe = load_recipe(REPO / "recipes" / name / "cpu_tiny.yaml", ["train.micro_batch=4",
+                                                                      "train.global_batch=4", *overrides])
+    seed_everything(0)
+    method = METHODS[name](recipe)
+    provider = build_target_provider(recipe, torch.device("cpu"))
+    return recipe, method, provider
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_contract(name: str) -> None:
+    recipe, method, provider = build(name)
+    batch = prepare_batch(synthetic_batch(recipe), torch.device("cpu"), torch.float32)
+    targets = provider(batch) if provider is not None else None
+    out = method(batch, batch.get("mask"), targets)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss), out.loss
+    assert all(torch.isfinite(v).all() for v in out.metrics.values())
+    out.loss.backward()
+    for n, p in method.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{name}: trainable {n} got no gradient"
+        else:
+            assert p.grad is None, f"{name}: frozen {n} got a gradient"
+    teacher = getattr(provider, "model", None)
+    if teacher is not None:
+        assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+        assert not any(p is q for p in teacher.parameters() for q in method.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("layer_decay", [None, 0.75])
+def test_every_trainable_parameter_in_exactly_one_group(name: str, layer_decay) -> None:
+    recipe, method, _ = build(name)
+    recipe.optim.layer_decay = layer_decay
+    groups = param_groups(method, recipe)
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert len(seen) == len(set(seen)), "a parameter is in two groups"
+    trainable = {id(p) for p in method.parameters() if p.requires_grad}
+    assert set(seen) == trainable
+    if layer_decay is not None:
+        assert len({g["lr_scale"] for g in groups}) > 2  # the decay actually spreads the lr

@@ -1,0 +1,100 @@
+"""Mask generators: exact counts, BEiT block statistics, SimMIM structure, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from mimscale.config import MaskConfig
+from mimscale.masking import BlockMask, RandomMask, SimMIMMask, build_mask_generator
+
+
+def _draw(gen, n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([gen(rng) for _ in range(n)])
+
+
+def _right_neighbour_rate(masks: np.ndarray, grid: tuple[int, int]) -> float:
+    """P(right neighbour masked | cell masked): ~ratio for random masks, high for blocks."""
+    m = masks.reshape(-1, *grid)
+    return float((m[:, :, :-1] & m[:, :, 1:]).sum() / m[:, :, :-1].sum())
+
+
+@pytest.mark.parametrize(("ratio", "expected"), [(0.75, 147), (0.5, 98), (0.4, 79), (0.0, 0)])
+def test_random_mask_uses_mae_len_keep_rule(ratio: float, expected: int) -> None:
+    masks = _draw(RandomMask((14, 14), ratio), 50)
+    assert masks.shape == (50, 196) and masks.dtype == bool
+    assert (masks.sum(1) == expected).all()  # N - int(N * (1 - ratio))
+    if ratio > 0:  # unstructured: a masked cell's neighbour is masked at about the base rate
+        assert _right_neighbour_rate(masks, (14, 14)) < ratio + 0.1
+
+
+@pytest.mark.parametrize("num", [30, 49, 98, 120])
+def test_block_mask_exact_count(num: int) -> None:
+    masks = _draw(BlockMask((14, 14), num, min_num_patches=16, exact=True), 200)
+    assert (masks.sum(1) == num).all()
+
+
+def test_block_mask_beit_early_break_may_under_mask() -> None:
+    masks = _draw(BlockMask((14, 14), 75, exact=False), 300)
+    counts = masks.sum(1)
+    assert counts.max() <= 75
+    assert counts.mean() > 70  # BEiT nearly always reaches its budget, but not always exactly
+
+
+def test_block_mask_shape_statistics() -> None:
+    """Blocks: few connected components and strongly clustered cells, unlike random masks."""
+    grid = (14, 14)
+    block = _draw(BlockMask(grid, 98), 300).reshape(-1, *grid)
+    rand = _draw(RandomMask(grid, 0.5), 300).reshape(-1, *grid)
+    comps_block = np.mean([ndimage.label(m)[1] for m in block])
+    comps_rand = np.mean([ndimage.label(m)[1] for m in rand])
+    assert comps_block < 3 < 10 < comps_rand
+    assert _right_neighbour_rate(block, grid) > 0.8 > 0.6 > _right_neighbour_rate(rand, grid)
+
+
+def test_block_mask_single_block_geometry() -> None:
+    """One block of the budget: a filled rectangle whose aspect lies in [0.3, 1/0.3] (+rounding)."""
+    grid = (14, 14)
+    gen = BlockMask(grid, 24, min_num_patches=24, max_num_patches=24, exact=False)
+    rng = np.random.default_rng(1)
+    aspects = []
+    for _ in range(300):
+        m = gen(rng).reshape(grid)
+        labels, n = ndimage.label(m)
+        first = labels == 1
+        rows, cols = np.flatnonzero(first.any(1)), np.flatnonzero(first.any(0))
+        h, w = np.ptp(rows) + 1, np.ptp(cols) + 1
+        if n == 1 and m.sum() == h * w:  # the typical case: one rectangle
+            assert 24 * 0.5 <= h * w <= 24
+            aspects.append(h / w)
+    assert len(aspects) > 150
+    assert 0.25 <= min(aspects) and max(aspects) <= 4.0
+    assert min(aspects) < 0.6 and max(aspects) > 1.6  # both orientations occur
+
+
+def test_simmim_mask_counts_and_structure() -> None:
+    gen = SimMIMMask(224, 16, mask_patch_size=32, ratio=0.6)
+    masks = _draw(gen, 50)
+    assert (masks.sum(1) == 120).all()  # ceil(49 * 0.6) = 30 mask patches x 4 tokens
+    grid = masks.reshape(-1, 7, 2, 7, 2)  # each 32-px mask patch covers a 2x2 token block
+    assert (grid.all(axis=(2, 4)) == grid.any(axis=(2, 4))).all()
+
+
+def test_masks_are_deterministic_given_the_rng() -> None:
+    for gen in (RandomMask((14, 14), 0.75), BlockMask((14, 14), 98), SimMIMMask(224, 16)):
+        assert (_draw(gen, 5, seed=3) == _draw(gen, 5, seed=3)).all()
+        assert (_draw(gen, 5, seed=3) != _draw(gen, 5, seed=4)).any()
+
+
+def test_build_mask_generator() -> None:
+    assert build_mask_generator(MaskConfig(kind="none"), (14, 14), 224, 16) is None
+    block = build_mask_generator(MaskConfig(kind="block", ratio=0.5), (14, 14), 224, 16)
+    assert isinstance(block, BlockMask) and block.num_masked == 98 and block.exact
+    block = build_mask_generator(MaskConfig(kind="block", num_masked=30), (14, 14), 224, 16)
+    assert block.num_masked == 30
+    rand = build_mask_generator(MaskConfig(kind="random", ratio=0.75), (14, 14), 224, 16)
+    assert isinstance(rand, RandomMask) and rand.num_masked == 147
+    sim = build_mask_generator(MaskConfig(kind="simmim", ratio=0.6), (14, 14), 224, 16)
+    assert isinstance(sim, SimMIMMask) and sim.num_masked == 120
