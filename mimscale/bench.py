@@ -29,13 +29,18 @@ def synthetic_batch(recipe, seed: int = 0) -> dict[str, Any]:
 
     b, s = recipe.train.micro_batch, recipe.model.img_size
     g = torch.Generator().manual_seed(seed)
-    views = [torch.randint(0, 256, (b, 3, v.size, v.size), dtype=torch.uint8, generator=g)
-             for v in recipe.data.views]
+    views = [
+        torch.randint(0, 256, (b, 3, v.size, v.size), dtype=torch.uint8, generator=g)
+        for v in recipe.data.views
+    ]
     grid = (s // recipe.model.patch_size,) * 2
     gen = build_mask_generator(recipe.mask, grid, s, recipe.model.patch_size)
     rng = np.random.default_rng(seed)
-    batch: dict[str, Any] = {"views": views, "keys": [str(i) for i in range(b)],
-                             "labels": torch.full((b,), -1, dtype=torch.long)}
+    batch: dict[str, Any] = {
+        "views": views,
+        "keys": [str(i) for i in range(b)],
+        "labels": torch.full((b,), -1, dtype=torch.long),
+    }
     if gen is not None:
         batch["mask"] = torch.from_numpy(np.stack([gen(rng) for _ in range(b)]))
     return batch
@@ -58,16 +63,17 @@ def run_bench(recipe, steps: int, warmup: int = 3) -> dict[str, Any]:
     from mimscale.engine.distributed import init_distributed
     from mimscale.engine.loop import prepare_batch, seed_everything, train_step
     from mimscale.engine.optim import build_optimizer, deepspeed_config, use_bf16
-    from mimscale.methods import METHODS
+    from mimscale.methods import build_method
 
     dist = init_distributed()
     seed_everything(0)
-    method = METHODS[recipe.method](recipe).to(dist.device)
+    method = build_method(recipe).to(dist.device)
     bare = copy.deepcopy(method)
     d = derive(recipe, dist.world_size, recipe.train.global_batch * 1000)
     opt, sched = build_optimizer(method, recipe, d, dist.device)
-    engine, *_ = deepspeed.initialize(model=method, optimizer=opt, lr_scheduler=sched,
-                                      config=deepspeed_config(recipe, d, dist.device))
+    engine, *_ = deepspeed.initialize(
+        model=method, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(recipe, d, dist.device)
+    )
     dtype = torch.bfloat16 if use_bf16(recipe, dist.device) else torch.float32
     bare = bare.to(dtype)
     bare_opt, _ = build_optimizer(bare, recipe, d, dist.device)
@@ -102,11 +108,19 @@ def _report(recipe, dist, method, times: dict[str, list[float]]) -> dict[str, An
     eng, bare = statistics.median(times["engine"]), statistics.median(times["bare"])
     gb = recipe.train.global_batch
     out: dict[str, Any] = {
-        "method": recipe.method, "size": recipe.model.size, "img_size": recipe.model.img_size,
-        "patch_size": recipe.model.patch_size, "device": str(dist.device), "world_size": dist.world_size,
-        "zero_stage": recipe.train.zero_stage, "global_batch": gb,
-        "engine_step_s": eng, "bare_step_s": bare, "engine_overhead_ratio": eng / bare,
-        "images_per_s": gb / eng, "steps_measured": len(times["engine"]),
+        "method": recipe.method,
+        "size": recipe.model.size,
+        "img_size": recipe.model.img_size,
+        "patch_size": recipe.model.patch_size,
+        "device": str(dist.device),
+        "world_size": dist.world_size,
+        "zero_stage": recipe.train.zero_stage,
+        "global_batch": gb,
+        "engine_step_s": eng,
+        "bare_step_s": bare,
+        "engine_overhead_ratio": eng / bare,
+        "images_per_s": gb / eng,
+        "steps_measured": len(times["engine"]),
     }
     flops = getattr(method, "flops_per_image", None)
     if callable(flops):
@@ -130,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args(argv)
-    args = [x for x in a.args if x != "engine"]
+    args = list(a.args)
     path = recipe_path(args.pop(0)) if args and "=" not in args[0] else recipe_path("mae/vit_b16.yaml")
     overrides = [*DEFAULT, *args] if path.name == "vit_b16.yaml" and path.parent.name == "mae" else args
     recipe = load_recipe(path, overrides)

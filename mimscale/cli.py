@@ -41,10 +41,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         return train_main([str(path), *args.overrides])
     if args.launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
-               "-m", "mimscale.train"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={args.nproc}",
+            "-m",
+            "mimscale.train",
+        ]
     else:
-        cmd = [shutil.which("deepspeed") or "deepspeed", f"--num_gpus={args.nproc}", "--module", "mimscale.train"]
+        cmd = [
+            shutil.which("deepspeed") or "deepspeed",
+            f"--num_gpus={args.nproc}",
+            "--module",
+            "mimscale.train",
+        ]
     return subprocess.call([*cmd, str(path), *args.overrides])
 
 
@@ -54,15 +65,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(method=args.method, out=Path(args.out), overrides=args.overrides)
 
 
+# `mimscale bench WHAT ...` -> module with main(argv) printing JSON. Explicit, imported lazily.
+BENCHES = {
+    "engine": "mimscale.bench",  # engine step vs bare step, images/s, MFU (GPU)
+    "data": "mimscale.data.bench",  # decode + augment images/s per worker
+}
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.what == "data":
-        from mimscale.data.bench import run
-
-        run(args.rest)
-        return 0
-    from mimscale.bench import main as bench_main
-
-    return bench_main([args.what, *args.rest] if args.what else args.rest)
+    rest = list(args.rest)
+    what = args.what
+    if what not in BENCHES:  # `mimscale bench RECIPE key=value` means the engine bench
+        rest, what = [what, *rest], "engine"
+    return _delegate(BENCHES[what], rest)
 
 
 def _delegate(module: str, argv: list[str]) -> int:
@@ -93,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_demo)
 
-    s = sub.add_parser("bench", help="JSON benchmarks: `bench [engine] key=value...` or `bench data`")
+    s = sub.add_parser("bench", help="JSON benchmarks: `bench [engine|data|...] ...`")
     s.add_argument("what", nargs="?", default="engine")
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(fn=cmd_bench)
@@ -101,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_ in [
         ("prep-shards", "mimscale.data.shards", "ImageFolder / folder / list -> WebDataset shards"),
         ("demo-data", "mimscale.data.demo", "write the digits demo shards"),
+        ("eval", "mimscale.eval.standalone", "kNN + linear probe (+ diagnostics) of a checkpoint"),
+        ("finetune", "mimscale.eval.finetune", "fine-tune a pre-trained encoder (method: finetune recipe)"),
+        ("linprobe", "mimscale.eval.linprobe", "linear probe (MAE LARS protocol) of a pre-trained encoder"),
+        ("export", "mimscale.eval.export", "checkpoint encoder -> timm-keyed .safetensors"),
+        ("diagnose", "mimscale.eval.diagnostics", "attention distance, MTO heterogeneity, SV spectrum, RAUC"),
     ]:
         s = sub.add_parser(name, help=help_, add_help=False)
         s.add_argument("rest", nargs=argparse.REMAINDER)

@@ -95,6 +95,7 @@ class ModelConfig:
     drop_path: float = 0.0
     layer_scale: float | None = None  # layer-scale init (None = off)
     abs_pos: Literal["sincos", "none"] = "sincos"
+    sincos_layout: Literal["mae", "cae"] = "mae"  # channel layout of the fixed table (METHODS.md §1.2)
     rel_pos_bias: Literal["none", "shared"] = "none"  # beit only (SimMIM uses shared)
 
 
@@ -115,6 +116,9 @@ class OptimConfig:
     milestones: list[float] = field(default_factory=list)  # multistep: epochs
     gamma: float = 0.1
     clip_grad: float | None = None
+    # lars: timm's LARS (MAE linear probe, METHODS.md §1.3), momentum 0.9, trust ratio on the
+    # ndim > 1 weights only (MAE util/lars.py); betas / eps are AdamW's.
+    optimizer: Literal["adamw", "lars"] = "adamw"
 
 
 @dataclass
@@ -175,12 +179,15 @@ class Recipe:
 
 
 # Sections owned by plug-ins, explicit and imported lazily (no import side effects):
-# ``teacher`` (frozen target provider, mimscale/teachers.py) and ``mto`` (mimscale/methods/mto.py).
+# ``teacher`` (frozen target provider, mimscale/teachers.py), ``mto`` (mimscale/methods/mto.py) and
+# ``eval`` (evaluation hooks, mimscale/eval/hooks.py). A section's optional ``check(recipe)`` method
+# runs during validation.
 def _extra_sections() -> dict[str, type]:
+    from mimscale.eval.hooks import EvalConfig
     from mimscale.methods.mto import MTOConfig
     from mimscale.teachers import TeacherConfig
 
-    return {"teacher": TeacherConfig, "mto": MTOConfig}
+    return {"teacher": TeacherConfig, "mto": MTOConfig, "eval": EvalConfig}
 
 
 # --------------------------------------------------------------------------- typed parsing
@@ -395,6 +402,10 @@ def validate(r: Recipe) -> None:
     from mimscale.methods import METHODS
 
     METHODS[r.method].check_recipe(r)
+    for section in r.extras.values():  # plug-in sections validate themselves against the recipe
+        check = getattr(section, "check", None)
+        if callable(check):
+            check(r)
 
 
 # --------------------------------------------------------------------------- derived values

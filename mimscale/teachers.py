@@ -1,16 +1,433 @@
-"""Frozen teachers (open_clip CLIP towers, timm ViTs) and the precomputed-target reader.
+"""Frozen teachers (open_clip CLIP towers, timm ViTs) as target providers (METHODS.md §1.8, §6.1).
 
-Teachers are built outside the student's DeepSpeed engine, frozen, in eval mode; their outputs
-enter a method as tensors. Import-light: open_clip / timm are imported when a teacher is built.
+The engine calls :func:`build_provider` once, outside ``deepspeed.initialize`` (DeepSpeed issue
+#3175: a teacher inside a ZeRO-3 student engine breaks), and then ``targets = provider(batch)``
+per micro-batch. The teacher is frozen, in eval mode, runs under ``no_grad`` (bf16 on GPU), is in
+no optimizer group and in no training checkpoint. It sees the student's exact view (crop, flip,
+colour jitter: ``batch["views"][0]``, uint8), renormalised with its own mean/std on the device and
+resized so that its token grid equals the student's (METHODS.md §1.8 option a: a ViT-H/14 student
+at 224 px has 16x16 tokens, so a patch-16 teacher gets 256 px with interpolated position
+embeddings, which open_clip / timm resample when they load the weights).
+
+Import-light: open_clip, timm and deepspeed are imported when a teacher is built.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from mimscale.config import RecipeError
+
+if TYPE_CHECKING:
+    from mimscale.config import Recipe
+    from mimscale.models.teacher_vit import TeacherViT
+
+# open_clip files that hold full CLIP weights in a Hugging Face repo (safetensors preferred).
+_HF_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_HF_TIMM_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 @dataclass
 class TeacherConfig:
-    """The ``teacher:`` recipe section (used by methods with ``needs_teacher``)."""
+    """The ``teacher:`` recipe section (read by methods with ``needs_teacher``).
 
-    enabled: bool = False
+    The defaults are CAE v2's / MR-MAE's CLIP ViT-B/16 (OpenAI weights) for every student size;
+    each method's ``_base_`` recipe states its feature choice (METHODS.md §2.6, §4.3).
+    """
+
+    kind: Literal["open_clip", "timm"] = "open_clip"
+    model: str = "ViT-B-16"  # open_clip model name, or a timm name such as vit_base_patch16_224.dino
+    # open_clip: a pretrained tag ("openai") resolved from the local cache; timm: "default" (the
+    # name's pretrained tag, from the local Hugging Face cache). Either: or a weights file path.
+    pretrained: str = "openai"
+    cache_dir: str | None = None  # where cached weights live (default: the library's own cache)
+    allow_random: bool = False  # missing weights -> random teacher, loudly (tests / CPU demo only)
+    layer: int = -1  # blocks to run: -1 = all (the last block's output), k = the output of block k
+    norm: bool = True  # final norm (ln_post / timm norm) on every token
+    proj: bool = False  # open_clip proj on every token (CAE v2: 768 -> 512); MR-MAE: off
+    cls_attn: bool = False  # also return the last block's [CLS] attention (MR-MAE focused mimicking)
+    img_size: int | None = None  # None: patch * student grid (the grids match); else must match
+    resize: Literal["bicubic", "bilinear"] = "bicubic"  # view -> teacher size, when they differ
+    mean: list[float] | None = None  # None: the weights' own (CLIP for open_clip, timm's cfg)
+    std: list[float] | None = None
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    offload: bool = False  # DeepSpeed ZeRO-Inference: weights in host memory, streamed per block
+    # Architecture overrides for tiny random teachers (CPU tests / demo; need allow_random).
+    width: int | None = None
+    depth: int | None = None
+    heads: int | None = None
+    patch_size: int | None = None
+    out_dim: int | None = None
+
+    def check(self, recipe: Recipe) -> None:
+        """Cross-field checks that need no model (the grid is checked when the teacher is built)."""
+        if self.kind == "timm" and self.proj:
+            raise RecipeError(".teacher.proj: timm teachers have no output projection; use proj: false")
+        if self.layer == 0 or self.layer < -1:
+            raise RecipeError(f".teacher.layer: expected -1 (last) or a block number >= 1, got {self.layer}")
+        if (self.mean is None) != (self.std is None) or (self.mean is not None and len(self.mean) != 3):
+            raise RecipeError(".teacher.mean: give both teacher.mean and teacher.std, three values each")
+        if self._arch_overrides() and not self.allow_random:
+            raise RecipeError(
+                ".teacher.width: architecture overrides build a random teacher; "
+                "set teacher.allow_random: true"
+            )
+
+    def _arch_overrides(self) -> dict[str, int]:
+        keys = ("width", "depth", "heads", "patch_size", "out_dim")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+class TeacherTargets(NamedTuple):
+    """What a provider returns for one micro-batch (one row per view, not per mask repeat).
+
+    ``tokens``: ``[B, 1 + N, C_t]`` (cls first, patches in the student's raster order).
+    ``cls_attn``: float32 ``[B, N]`` last-block [CLS] attention (sums to 1), or None.
+    """
+
+    tokens: torch.Tensor
+    cls_attn: torch.Tensor | None
+
+
+class TeacherProvider:
+    """Callable target provider around a frozen :class:`TeacherViT`.
+
+    Attributes:
+        model: the frozen teacher module (never shares parameters with the student).
+        metadata: what was built (weights file or "RANDOM", grid, size, dtype, offload), for the
+            run's metadata.
+    """
+
+    def __init__(
+        self,
+        model: TeacherViT,
+        cfg: TeacherConfig,
+        mean: list[float],
+        std: list[float],
+        device: torch.device,
+        dtype: torch.dtype,
+        metadata: dict[str, Any],
+        runner: Any = None,
+    ) -> None:
+        self.model, self.cfg, self.device, self.dtype = model, cfg, device, dtype
+        self.img_size = model.img_size
+        self.metadata = metadata
+        # uint8 -> teacher input: (x / 255 - mean) / std == (x - 255 mean) / (255 std).
+        self._mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
+        self._run = runner if runner is not None else model  # a ZeRO-Inference engine when offloaded
+
+    def preprocess(self, views: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, 3, H, W]`` on device -> normalised ``[B, 3, S, S]`` in the teacher dtype."""
+        x = views.to(self.device, non_blocking=True).float()
+        if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
+            x = F.interpolate(
+                x,
+                size=(self.img_size, self.img_size),
+                mode=self.cfg.resize,
+                align_corners=False,
+                antialias=x.shape[-1] > self.img_size,
+            )
+            x = x.clamp(0.0, 255.0)  # bicubic overshoot, as PIL's uint8 resize would clip
+        return ((x - self._mean) / self._std).to(self.dtype)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, Any]) -> TeacherTargets:
+        """Teacher targets for ``batch["views"][0]`` (the student's view), one row per view."""
+        out = self._run(self.preprocess(batch["views"][0]), cls_attn=self.cfg.cls_attn)
+        return TeacherTargets(out.tokens, out.cls_attn)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _missing(cfg: TeacherConfig, looked: list[str]) -> RecipeError:
+    where = "\n  ".join(looked)
+    return RecipeError(
+        f".teacher.pretrained: no weights for teacher {cfg.kind}:{cfg.model} ({cfg.pretrained!r}); looked in:"
+        f"\n  {where}\nPut the file there, set teacher.pretrained to a weights file, or (tests / CPU demo "
+        f"only) set teacher.allow_random: true."
+    )
+
+
+def _as_file(pretrained: str) -> Path | None:
+    """A file path (anything with a separator or a weights suffix), else None (a tag)."""
+    if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        return Path(pretrained).expanduser()
+    return None
+
+
+def _hf_cached(repo: str, files: tuple[str, ...], cache_dir: str | None, looked: list[str]) -> str | None:
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    for name in files:
+        hit = try_to_load_from_cache(repo, name, cache_dir=cache_dir)
+        if isinstance(hit, str):
+            return hit
+        looked.append(f"Hugging Face cache {cache_dir or constants.HF_HUB_CACHE}: {repo}/{name}")
+    return None
+
+
+def resolve_weights(cfg: TeacherConfig) -> tuple[str | None, list[str]]:
+    """Find the teacher's weights on local disk only (never downloads during training).
+
+    Returns:
+        ``(path or None, the places looked at)``.
+
+    Raises:
+        RecipeError: for an unknown open_clip tag.
+    """
+    looked: list[str] = []
+    file = _as_file(cfg.pretrained)
+    if file is not None:
+        looked.append(str(file))
+        return (str(file) if file.is_file() else None), looked
+    if cfg.kind == "open_clip":
+        import open_clip
+
+        pcfg = open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained)
+        if not pcfg:
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(cfg.model)) or "none"
+            raise RecipeError(
+                f".teacher.pretrained: unknown tag {cfg.pretrained!r} for {cfg.model} (known: {tags})"
+            )
+        if pcfg.get("hf_hub"):  # "org/repo/file" or "org/repo/" (open_clip's default file names)
+            repo, name = os.path.split(pcfg["hf_hub"])
+            hit = _hf_cached(repo, (name,) if name else _HF_CLIP_FILES, cfg.cache_dir, looked)
+            if hit:
+                return hit, looked
+        if pcfg.get("url"):
+            target = Path(cfg.cache_dir or "~/.cache/clip").expanduser() / os.path.basename(pcfg["url"])
+            looked.append(str(target))
+            if target.is_file():
+                return str(target), looked
+        return None, looked
+    import timm
+
+    pcfg = timm.models.get_pretrained_cfg(cfg.model)
+    hub = getattr(pcfg, "hf_hub_id", None) if pcfg is not None else None
+    if hub:
+        return _hf_cached(hub, _HF_TIMM_FILES, cfg.cache_dir, looked), looked
+    looked.append(f"timm pretrained config of {cfg.model} (no Hugging Face id)")
+    return None, looked
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _open_clip_tower(
+    cfg: TeacherConfig, weights: str | None, img_size: int | None
+) -> tuple[Any, list[float], list[float]]:
+    """``(visual, mean, std)``; ``img_size`` None keeps the model's native resolution."""
+    import open_clip
+
+    kw: dict[str, Any] = {}
+    arch = cfg._arch_overrides()
+    if arch:  # a tiny random tower: the named model's config with the given dims
+        vision = dict(open_clip.get_model_config(cfg.model)["vision_cfg"])
+        width = arch.get("width", vision["width"])
+        vision.update(
+            width=width,
+            layers=arch.get("depth", vision["layers"]),
+            patch_size=arch.get("patch_size", vision["patch_size"]),
+            image_size=img_size or vision["image_size"],
+        )
+        vision["head_width"] = width // arch.get("heads", max(1, width // vision.get("head_width", 64)))
+        kw = dict(
+            embed_dim=arch.get("out_dim", 512),
+            vision_cfg=vision,
+            text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1),
+        )
+    quick = bool(open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained).get("quick_gelu", False))
+    model = open_clip.create_model(
+        cfg.model, pretrained=weights, force_quick_gelu=quick, force_image_size=img_size,
+        cache_dir=cfg.cache_dir, **kw,
+    )  # fmt: skip
+    pre = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
+    mean = list(pre.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = list(pre.get("std", open_clip.OPENAI_DATASET_STD))
+    return model.visual, mean, std
+
+
+def _timm_tower(
+    cfg: TeacherConfig, weights: str | None, img_size: int | None
+) -> tuple[Any, list[float], list[float]]:
+    import timm
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    arch = cfg._arch_overrides()
+    names = {"width": "embed_dim", "depth": "depth", "heads": "num_heads", "patch_size": "patch_size"}
+    kw: dict[str, Any] = {names[k]: v for k, v in arch.items() if k in names}
+    if img_size is not None:
+        kw["img_size"] = img_size  # timm resamples the loaded pos-embed to the new grid
+    if weights is not None:
+        kw.update(pretrained=True, pretrained_cfg_overlay={"file": weights})
+    vit = timm.create_model(cfg.model, num_classes=0, **kw)
+    dc = vit.pretrained_cfg or {}
+    return vit, list(dc.get("mean", IMAGENET_DEFAULT_MEAN)), list(dc.get("std", IMAGENET_DEFAULT_STD))
+
+
+def _tower(cfg: TeacherConfig, weights: str | None, img_size: int | None) -> tuple[TeacherViT, list, list]:
+    from mimscale.models.teacher_vit import TeacherViT
+
+    if cfg.kind == "open_clip":
+        visual, mean, std = _open_clip_tower(cfg, weights, img_size)
+        depth = len(visual.transformer.resblocks)
+    else:
+        visual, mean, std = _timm_tower(cfg, weights, img_size)
+        depth = len(visual.blocks)
+    layer = depth if cfg.layer == -1 else cfg.layer
+    if layer > depth:
+        raise RecipeError(f".teacher.layer: {cfg.layer} exceeds the teacher's {depth} blocks")
+    if cfg.kind == "open_clip":
+        model = TeacherViT.from_open_clip(visual, layer, cfg.norm, cfg.proj)
+    else:
+        model = TeacherViT.from_timm(visual, layer, cfg.norm)
+    return model, mean, std
+
+
+def teacher_image_size(
+    cfg: TeacherConfig, teacher_patch: int, student_grid: tuple[int, int], where: str
+) -> int:
+    """The teacher resolution whose token grid equals the student's.
+
+    Raises:
+        RecipeError: a non-square student grid, or a fixed ``teacher.img_size`` giving another grid
+            (the message names both grids).
+    """
+    if student_grid[0] != student_grid[1]:
+        raise RecipeError(f".teacher.img_size: non-square student grid {student_grid} cannot be matched")
+    if cfg.img_size is None:
+        return teacher_patch * student_grid[0]
+    g = cfg.img_size // teacher_patch
+    if cfg.img_size % teacher_patch or g != student_grid[0]:
+        raise RecipeError(
+            f".teacher.img_size: teacher grid {g}x{g} ({where} at {cfg.img_size} px, patch {teacher_patch}) "
+            f"differs from the student grid {student_grid[0]}x{student_grid[1]}; set teacher.img_size to "
+            f"{teacher_patch * student_grid[0]} or null (match automatically)"
+        )
+    return cfg.img_size
+
+
+def _dtype(cfg: TeacherConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
+
+
+def _warn_random(cfg: TeacherConfig, looked: list[str]) -> None:
+    bar = "!" * 100
+    print(
+        f"{bar}\n[mimscale] WARNING: teacher {cfg.kind}:{cfg.model} has RANDOM weights "
+        f"(teacher.allow_random: true; no weights in {'; '.join(looked) or 'an architecture override'}).\n"
+        "[mimscale] Its targets are meaningless for research: use it for tests and the CPU demo only.\n"
+        f"{bar}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def build_provider(recipe: Recipe, device: torch.device) -> TeacherProvider:
+    """Build the recipe's frozen teacher on ``device``, its grid matched to the student's.
+
+    Args:
+        recipe: the validated recipe (``recipe.extras["teacher"]``, ``recipe.model``).
+        device: where the teacher runs (its weights stay on the host when ``teacher.offload``).
+
+    Returns:
+        A :class:`TeacherProvider`; ``provider(batch)`` gives :class:`TeacherTargets`.
+
+    Raises:
+        RecipeError: missing weights (unless ``allow_random``), unknown tag, unmatched grid.
+    """
+    cfg: TeacherConfig = recipe.extras.get("teacher") or TeacherConfig()
+    grid = (recipe.model.img_size // recipe.model.patch_size,) * 2
+    weights, looked = (None, []) if cfg._arch_overrides() else resolve_weights(cfg)
+    if weights is None and not cfg.allow_random:
+        raise _missing(cfg, looked)
+    patch = _patch_of(cfg)
+    size = teacher_image_size(cfg, patch, grid, f"{cfg.kind}:{cfg.model}")
+    model, mean, std = _tower(cfg, weights, size)
+    if weights is None:
+        _warn_random(cfg, looked)
+    dtype = _dtype(cfg, device)
+    meta = {
+        **asdict(cfg), "weights": weights or "RANDOM", "random_weights": weights is None,
+        "img_size": size, "grid": list(model.grid), "out_dim": model.out_dim, "torch_dtype": str(dtype),
+    }  # fmt: skip
+    mean, std = cfg.mean or mean, cfg.std or std
+    if cfg.offload:
+        runner = _zero_inference(model, device, dtype)
+        return TeacherProvider(model, cfg, mean, std, device, dtype, meta, runner)
+    model.to(device=device, dtype=dtype)
+    return TeacherProvider(model, cfg, mean, std, device, dtype, meta)
+
+
+def _patch_of(cfg: TeacherConfig) -> int:
+    """The teacher's patch size from its config, without building it or loading weights."""
+    if cfg.patch_size is not None:
+        return cfg.patch_size
+    if cfg.kind == "open_clip":
+        import open_clip
+
+        return int(open_clip.get_model_config(cfg.model)["vision_cfg"]["patch_size"])
+    import timm
+
+    with torch.device("meta"):
+        return int(timm.create_model(cfg.model, pretrained=False).patch_embed.patch_size[0])
+
+
+def teacher_out_dim(cfg: TeacherConfig) -> int:
+    """Channels of the teacher's tokens, from its config alone (sizes a student's head).
+
+    open_clip: ``embed_dim`` with ``proj`` (512 for CLIP-B/16), else the tower width (768);
+    timm: ``embed_dim``. Architecture overrides (``out_dim``, ``width``) win.
+    """
+    if cfg.kind == "open_clip":
+        import open_clip
+
+        mc = open_clip.get_model_config(cfg.model)
+        if mc is None:
+            raise RecipeError(f".teacher.model: unknown open_clip model {cfg.model!r}")
+        if cfg.proj:
+            return int(cfg.out_dim or mc["embed_dim"])
+        return int(cfg.width or mc["vision_cfg"]["width"])
+    if cfg.width is not None:
+        return cfg.width
+    import timm
+
+    with torch.device("meta"):
+        return int(timm.create_model(cfg.model, pretrained=False, num_classes=0).embed_dim)
+
+
+def _zero_inference(model: TeacherViT, device: torch.device, dtype: torch.dtype) -> Any:
+    """DeepSpeed ZeRO-Inference: a ZeRO-3 engine without optimizer whose parameters live in host
+    memory and are gathered to ``device`` block by block (with prefetch) during the forward.
+
+    A separate engine from the student's (DeepSpeed #3175); needs torch.distributed initialised.
+    """
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {
+            "stage": 3,
+            "offload_param": {"device": "cpu", "pin_memory": device.type == "cuda"},
+            "stage3_param_persistence_threshold": 0,  # stream everything, small tensors too
+        },
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "steps_per_print": 1 << 30,
+    }
+    model.to(dtype=dtype)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mimscale.data.manifest import read_manifest
+from mimscale.data.manifest import read_manifest, write_manifest_files
 from mimscale.data.shards import make_shards
 
 __all__ = ["main", "write_digits_shards"]
@@ -81,6 +82,9 @@ def write_digits_shards(
     info = _cached(out, settings)
     if info is not None:
         return {**info, "reused": True}
+    if (out / "demo.json").is_file():  # our own earlier output with other settings: replace it
+        for split in ("train", "val"):
+            shutil.rmtree(out / split, ignore_errors=True)
     digits = load_digits()
     labels = digits.target.astype(np.int64)
     is_val = _split(labels, val_fraction, seed)
@@ -91,6 +95,9 @@ def write_digits_shards(
             make_shards(
                 tmp, out / split, prefix=f"digits-{split}", shard_size=shard_size, split=split, progress=False
             )
+        manifest = read_manifest(out / split)  # name the real source, not the temporary tree
+        manifest["source"] = {"path": "sklearn.datasets.load_digits", "kind": "imagefolder", "split": split}
+        write_manifest_files(out / split, manifest, split)
         result[split] = str(out / split / "manifest.json")
         result[f"num_{split}"] = int(sel.sum())
     result.update(num_classes=10, size=size)

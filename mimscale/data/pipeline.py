@@ -120,11 +120,12 @@ class _ErrorPolicy:
                 stacklevel=2,
             )
 
-    def bad_sample(self, key: str, exn: BaseException) -> None:
+    def bad_sample(self, sample: dict[str, Any], exn: BaseException) -> None:
+        where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')!r}"
         if self.on_error == "fail":
-            raise ShardReadError(f"{self.url}: sample {key!r} cannot be decoded ({exn})") from exn
+            raise ShardReadError(f"{where} cannot be decoded ({exn})") from exn
         self.count += 1
-        warnings.warn(f"{self.url}: skipping sample {key!r} ({exn})", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"{where}: skipped ({exn})", RuntimeWarning, stacklevel=2)
 
 
 def _read_shard(url: str, policy: _ErrorPolicy, expected: int | None = None) -> Iterator[dict[str, Any]]:
@@ -298,7 +299,7 @@ class _EpochDataset(torch.utils.data.IterableDataset):
                     out = (*self._decode(s, spec.rng(worker, _SAMPLE, q)), s["__key__"], _label(s))
                     valid[i] = True
                 except Exception as e:  # noqa: BLE001 - any undecodable sample: skip or fail by policy
-                    policy.bad_sample(s.get("__key__", "?"), e)
+                    policy.bad_sample(s, e)
             if out is None:
                 out = self._pad(head, q, worker)
             images, crops[i], keys[i], labels[i] = out
@@ -350,6 +351,7 @@ class ShardLoader:
         self._num_workers = num_workers
         self.batches_per_epoch = spec.batches_per_epoch
         self._epoch, self._pos = 0, 0
+        self._pinned = False  # set_epoch / load_state_dict fixed the epoch for the next iter()
         self._active: Iterator[dict[str, Any]] | None = None
 
     def __len__(self) -> int:
@@ -361,9 +363,16 @@ class ShardLoader:
         return self._epoch
 
     def set_epoch(self, epoch: int) -> None:
-        """Move to ``epoch`` (position 0); the same epoch keeps the position (resume-safe)."""
+        """Make the next ``iter()`` run ``epoch``.
+
+        A new epoch starts at batch 0; the current epoch keeps its position, so calling
+        ``set_epoch(e)`` after ``load_state_dict`` resumes mid-epoch, and an epoch that was
+        already finished yields nothing. Without any call, each ``iter()`` after a finished
+        epoch moves on to the next one by itself.
+        """
         if epoch != self._epoch:
             self._epoch, self._pos = int(epoch), 0
+        self._pinned = True
 
     def state_dict(self) -> dict[str, Any]:
         """The position: epoch and batches consumed in it (plus the layout it depends on)."""
@@ -393,12 +402,14 @@ class ShardLoader:
                     "an exact mid-epoch resume needs the same world size, data.num_workers, batch and data"
                 )
         self._epoch, self._pos = int(state["epoch"]), int(state["batches"])
+        self._pinned = True
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self._active is not None:
             self._active.close()  # shuts down the workers of an abandoned iteration
-        if self._pos >= self.batches_per_epoch:  # previous epoch fully consumed: move on
+        if self._pos >= self.batches_per_epoch and not self._pinned:  # finished: move on
             self._epoch, self._pos = self._epoch + 1, 0
+        self._pinned = False
         self._active = self._iterate()
         return self._active
 
@@ -411,7 +422,12 @@ class ShardLoader:
             source: Any = iter(dataset)
         else:
             source = torch.utils.data.DataLoader(
-                dataset, batch_size=None, num_workers=workers, collate_fn=_identity, persistent_workers=False
+                dataset,
+                batch_size=None,
+                num_workers=workers,
+                collate_fn=_identity,
+                persistent_workers=False,  # workers restart each epoch with the new position
+                pin_memory=torch.cuda.is_available(),  # the engine copies batches to the GPU
             )
         for batch in source:
             if batch["batch_index"] != self._pos:  # the round-robin contract was broken
@@ -455,7 +471,10 @@ def build_train_loader(
         world_size: number of ranks.
 
     Returns:
-        A :class:`ShardLoader` with ``batches_per_epoch`` equal on every rank.
+        A :class:`ShardLoader` with ``batches_per_epoch`` equal on every rank:
+        ``samples_per_epoch // (world_size * batch_size)`` in ``resampled`` mode (default
+        ``samples_per_epoch``: the manifest's total); in ``exact`` mode the whole data set padded
+        to whole batches per worker (``samples_per_epoch`` is not used).
 
     Raises:
         ValueError: the epoch length is unknown (a bare pattern without ``samples_per_epoch``),

@@ -319,6 +319,20 @@ def _manifest(base: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, 
     }
 
 
+def _pending(
+    items: list[SourceItem], plan: list[range], mine: range, out_dir: Path, settings: dict, plan_id: str
+) -> tuple[list[tuple], list[dict[str, Any]]]:
+    """Split this task's shards into jobs still to write and records of completed ones."""
+    jobs, reused = [], []
+    for i in mine:
+        rec = _existing_record(out_dir, _shard_name(settings["prefix"], i), plan_id)
+        if rec is not None:
+            reused.append(rec)
+        else:
+            jobs.append((i, [items[j] for j in plan[i]], plan[i].start, str(out_dir), settings, plan_id))
+    return jobs, reused
+
+
 def make_shards(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -375,14 +389,9 @@ def make_shards(
     }
     plan = plan_shards(items, shard_size, shard_bytes)
     plan_id = _plan_id(items, settings)
-    mine = _task_range(len(plan), task_index, num_tasks)
-    jobs, reused = [], []
-    for i in mine:
-        rec = _existing_record(out_dir, _shard_name(settings["prefix"], i), plan_id)
-        if rec is not None:
-            reused.append(rec)
-        else:
-            jobs.append((i, [items[j] for j in plan[i]], plan[i].start, str(out_dir), settings, plan_id))
+    jobs, reused = _pending(
+        items, plan, _task_range(len(plan), task_index, num_tasks), out_dir, settings, plan_id
+    )
     written = _run_jobs(jobs, workers, progress, sum(len(j[1]) for j in jobs))
     base = {
         "prefix": settings["prefix"],

@@ -77,8 +77,13 @@ def _stream(loader) -> Iterator[dict[str, Any]]:
         loader.set_epoch(loader.state_dict()["epoch"] + 1)
 
 
-def train_step(engine, micro_batches: list[dict[str, Any]], device: torch.device,
-               dtype: torch.dtype, targets_fn: Any = None) -> list[Any]:
+def train_step(
+    engine,
+    micro_batches: list[dict[str, Any]],
+    device: torch.device,
+    dtype: torch.dtype,
+    targets_fn: Any = None,
+) -> list[Any]:
     """Forward/backward every micro-batch, then one optimizer step; returns the good outputs.
 
     A micro-batch whose loss is non-finite on any rank gets no backward on any rank (the
@@ -107,26 +112,35 @@ class Trainer:
 
     def __init__(self, recipe: Recipe):
         from mimscale.data.pipeline import build_train_loader
-        from mimscale.methods import METHODS
+        from mimscale.methods import build_method
 
         self.r = recipe
         self.dist: DistInfo = init_distributed()
         if recipe.run.deterministic:
             torch.use_deterministic_algorithms(True)
         seed_everything(recipe.run.seed)  # identical initial weights on every rank
-        method = METHODS[recipe.method](recipe)
+        method = build_method(recipe)
         seed_everything(recipe.run.seed + 1000 * (self.dist.rank + 1))  # per-rank dropout/drop-path
         t = recipe.train
         self.loader = build_train_loader(
-            recipe.data, recipe.mask, img_size=recipe.model.img_size, patch_size=recipe.model.patch_size,
-            batch_size=t.micro_batch, seed=recipe.run.seed, rank=self.dist.rank,
+            recipe.data,
+            recipe.mask,
+            img_size=recipe.model.img_size,
+            patch_size=recipe.model.patch_size,
+            batch_size=t.micro_batch,
+            seed=recipe.run.seed,
+            rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
         samples = self.loader.batches_per_epoch * t.micro_batch * self.dist.world_size
         self.d: Derived = derive(recipe, self.dist.world_size, samples)
+        method.set_total_steps(self.d.total_steps)  # per-step schedules inside methods (LC-MAE momentum)
         self.engine = self._build_engine(method)
         # The frozen teacher is built here, outside deepspeed.initialize (DeepSpeed #3175).
         self.targets_fn = build_target_provider(recipe, self.dist.device)
+        from mimscale.eval.hooks import build_eval_hooks
+
+        self.hooks = build_eval_hooks(recipe)
         self.dtype = torch.bfloat16 if use_bf16(recipe, self.dist.device) else torch.float32
         self.run_dir = Path(recipe.run.out_dir) / recipe.run.name
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -150,7 +164,9 @@ class Trainer:
         method.to(self.dist.device)
         opt, sched = build_optimizer(method, self.r, self.d, self.dist.device)
         engine, _, _, _ = deepspeed.initialize(
-            model=method, optimizer=opt, lr_scheduler=sched,
+            model=method,
+            optimizer=opt,
+            lr_scheduler=sched,
             config=deepspeed_config(self.r, self.d, self.dist.device),
         )
         return engine
@@ -182,7 +198,13 @@ class Trainer:
             "recipe": self.r.to_dict(),
         }
         return checkpoint.save(
-            self.engine, self.ckpt_dir, self.state.step, client, self.r, self.dist.rank, self.r.train.keep_last
+            self.engine,
+            self.ckpt_dir,
+            self.state.step,
+            client,
+            self.r,
+            self.dist.rank,
+            self.r.train.keep_last,
         )
 
     # ------------------------------------------------------------------ one step
@@ -207,8 +229,11 @@ class Trainer:
         stop = min(d.total_steps, t.max_steps) if t.max_steps else d.total_steps
         stream = _stream(self.loader)
         if self.dist.rank == 0:
-            print(f"[mimscale] {self.r.method}: {stop - self.state.step} steps to go; lr {d.lr:.3g}, "
-                  f"accum {d.grad_accum}, world {d.world_size}, run dir {self.run_dir}", flush=True)
+            print(
+                f"[mimscale] {self.r.method}: {stop - self.state.step} steps to go; lr {d.lr:.3g}, "
+                f"accum {d.grad_accum}, world {d.world_size}, run dir {self.run_dir}",
+                flush=True,
+            )
         t0, wait, steps_since = time.perf_counter(), 0.0, 0
         keys_log = self._keys_log()
         while self.state.step < stop:
@@ -224,6 +249,8 @@ class Trainer:
             self.state.consecutive_bad = 0
             self.state.step += 1
             self.method.after_step(self.state.step)  # e.g. EMA updates
+            for hook in self.hooks:
+                hook.maybe_run(self)
             steps_since += 1
             if self.state.step % t.log_every == 0 or self.state.step == stop:
                 self._log(time.perf_counter() - t0, wait, steps_since, stop, micro)
@@ -247,7 +274,9 @@ class Trainer:
         s.bad_steps += 1
         s.consecutive_bad += 1
         if self.dist.rank == 0:
-            print(f"[mimscale] step {s.step}: non-finite loss, step skipped ({s.bad_steps} so far)", flush=True)
+            print(
+                f"[mimscale] step {s.step}: non-finite loss, step skipped ({s.bad_steps} so far)", flush=True
+            )
         if s.consecutive_bad < self.r.train.nan_patience:
             return
         tag = checkpoint.read_pointer(self.ckpt_dir)
@@ -269,13 +298,20 @@ class Trainer:
         eta = (stop - self.state.step) * elapsed / max(steps, 1)
         skipped = sum(int(b.get("n_skipped", 0)) for b in micro)
         rec = {
-            "step": self.state.step, "samples": self.state.samples, "lr": lr, "img_per_s": ips,
-            "data_wait": wait / max(elapsed, 1e-9), "bad_steps": self.state.bad_steps,
-            "shard_errors": skipped, **m,
+            "step": self.state.step,
+            "samples": self.state.samples,
+            "lr": lr,
+            "img_per_s": ips,
+            "data_wait": wait / max(elapsed, 1e-9),
+            "bad_steps": self.state.bad_steps,
+            "shard_errors": skipped,
+            **m,
         }
         terms = " ".join(f"{k} {v:.4f}" for k, v in m.items())
-        line = (f"step {self.state.step}/{stop} {terms} lr {lr:.3e} {ips:.1f} img/s "
-                f"data {100 * rec['data_wait']:.0f}% eta {format_eta(eta)}")
+        line = (
+            f"step {self.state.step}/{stop} {terms} lr {lr:.3e} {ips:.1f} img/s "
+            f"data {100 * rec['data_wait']:.0f}% eta {format_eta(eta)}"
+        )
         self.logger.log(rec, line)
 
 

@@ -81,16 +81,23 @@ def lr_factor(step: int, r: Recipe, d: Derived) -> float:
 
 
 def build_optimizer(model: nn.Module, r: Recipe, d: Derived, device: torch.device):
-    """AdamW over :func:`param_groups` plus a LambdaLR of :func:`lr_factor`.
+    """AdamW (or LARS) over :func:`param_groups` plus a LambdaLR of :func:`lr_factor`.
 
     DeepSpeed steps the scheduler after every optimizer step and saves/loads its state.
     """
     groups = param_groups(model, r)
     for g in groups:
         g["lr"] = d.lr * g["lr_scale"]
-    opt = torch.optim.AdamW(
-        groups, lr=d.lr, betas=tuple(r.optim.betas), eps=r.optim.eps, fused=device.type == "cuda"
-    )
+    if r.optim.optimizer == "lars":
+        from timm.optim import Lars
+
+        for g in groups:  # MAE's LARS adapts (and decays) only the ndim > 1 weights
+            g["always_adapt"] = all(p.ndim > 1 for p in g["params"])
+        opt = Lars(groups, lr=d.lr, momentum=0.9)
+    else:
+        opt = torch.optim.AdamW(
+            groups, lr=d.lr, betas=tuple(r.optim.betas), eps=r.optim.eps, fused=device.type == "cuda"
+        )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, r, d))
     return opt, sched
 

@@ -71,6 +71,10 @@ class Method(nn.Module):
     def after_step(self, step: int) -> None:
         """Called after every optimizer step (e.g. EMA updates)."""
 
+    def set_total_steps(self, total_steps: int) -> None:
+        """Called once by the engine, before training or resuming, with the run's optimizer-step
+        count (the horizon of per-step schedules such as LC-MAE's momentum)."""
+
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Layer-decay grouping for ``timm.optim.param_groups_layer_decay`` (MAE numbering:
         encoder embeddings 0, encoder block k -> k + 1, everything else -> L + 1)."""

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mimscale.config import ModelConfig
-from mimscale.models.pos_embed import mae_sincos_pos_embed
+from mimscale.models.pos_embed import cae_sincos_pos_embed, mae_sincos_pos_embed
 
 # name -> (embed_dim, depth, num_heads), METHODS.md §1.1. ViT-T uses 12 heads as CAE v2 /
 # MAE-lite; ViT-S uses 6 heads (MAE / LUT / DeiT); override model.num_heads for CAE v2's 12.
@@ -200,8 +200,9 @@ class ViTEncoder(nn.Module):
         self.grad_checkpointing = False
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim)) if mask_token else None
         if self.vit.pos_embed is not None:
-            # Fixed sin-cos table (METHODS.md §1.2), also for Beit when abs_pos = sincos.
-            table = mae_sincos_pos_embed(dim, self.grid, cls_token=True)
+            # Fixed sin-cos table (METHODS.md §1.2), also for Beit when abs_pos = sincos; MAE or CAE layout.
+            layout = cae_sincos_pos_embed if cfg.sincos_layout == "cae" else mae_sincos_pos_embed
+            table = layout(dim, self.grid, cls_token=True)
             self.vit.pos_embed.data.copy_(table.unsqueeze(0))
             self.vit.pos_embed.requires_grad_(False)
         if cfg.arch == "vit":
@@ -282,6 +283,10 @@ class ViTEncoder(nn.Module):
         bad = [i for i in layers if not 0 <= i <= self.depth]
         if bad:
             raise ValueError(f"return_layers: {bad} outside 0..{self.depth}")
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's final LayerNorm on ``[B, n, D]`` (MR-MAE applies it to fused layers)."""
+        return self.vit.norm(x)
 
     def no_weight_decay(self) -> set[str]:
         """Token / table names (relative to this module) that fine-tuning keeps out of weight decay."""

@@ -9,7 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import make_photo_folder
+from photo_folder import make_photo_folder
 from PIL import Image
 
 from mimscale.data import shards
@@ -80,7 +80,9 @@ def test_flat_folder_and_csv_list(tmp_path: Path) -> None:
     make_shards(flat, tmp_path / "out_flat", progress=False)
     m = read_manifest(tmp_path / "out_flat")
     assert m["total"] == 6 and m["classes"] is None and m["source"]["kind"] == "folder"
-    rows = ["path\tlabel"] + [f"tree/{p.parent.name}/{p.name}\t{p.parent.name}" for p in (tmp_path / "tree").rglob("*.*")]
+    rows = ["path\tlabel"] + [
+        f"tree/{p.parent.name}/{p.name}\t{p.parent.name}" for p in (tmp_path / "tree").rglob("*.*")
+    ]
     rows.append("tree/missing.jpg\tcat")
     (tmp_path / "list.tsv").write_text("\n".join(rows) + "\n")
     make_shards(tmp_path / "list.tsv", tmp_path / "out_list", progress=False)
@@ -99,7 +101,9 @@ def test_empty_source_is_an_error_naming_where_it_looked(tmp_path: Path) -> None
 def test_shard_size_by_bytes(tmp_path: Path) -> None:
     make_photo_folder(tmp_path / "src", bad=False)
     sizes = [p.stat().st_size for p in (tmp_path / "src").rglob("*.*")]
-    make_shards(tmp_path / "src", tmp_path / "out", shard_size=None, shard_bytes=3 * max(sizes), progress=False)
+    make_shards(
+        tmp_path / "src", tmp_path / "out", shard_size=None, shard_bytes=3 * max(sizes), progress=False
+    )
     m = read_manifest(tmp_path / "out")
     assert m["total"] == 15 and 1 < len(m["shards"]) < 15
     assert all(s["count"] >= 3 for s in m["shards"][:-1])
@@ -133,7 +137,10 @@ def test_interrupted_prep_resumes_and_gives_identical_shards(tmp_path: Path, mon
     assert not list(run.glob(".*.tmp-*"))
     assert _digests(run) == reference
     ref_manifest, run_manifest = read_manifest(tmp_path / "ref"), read_manifest(run)
-    assert ref_manifest["shards"] == run_manifest["shards"] and run_manifest["skipped"] == ref_manifest["skipped"]
+    assert (
+        ref_manifest["shards"] == run_manifest["shards"]
+        and run_manifest["skipped"] == ref_manifest["skipped"]
+    )
 
 
 def test_changed_settings_in_the_same_dir_are_refused(tmp_path: Path) -> None:
@@ -146,12 +153,23 @@ def test_changed_settings_in_the_same_dir_are_refused(tmp_path: Path) -> None:
 def test_array_tasks_then_merge_equal_a_single_run(tmp_path: Path) -> None:
     make_photo_folder(tmp_path / "src")
     make_shards(tmp_path / "src", tmp_path / "one", prefix="p", shard_size=2, progress=False)
-    args = ["--src", str(tmp_path / "src"), "--out", str(tmp_path / "arr"), "--prefix", "p", "--shard-size", "2"]
+    args = [
+        "--src",
+        str(tmp_path / "src"),
+        "--out",
+        str(tmp_path / "arr"),
+        "--prefix",
+        "p",
+        "--shard-size",
+        "2",
+    ]
     assert main([*args, "--task-index", "0", "--num-tasks", "3", "--no-progress", "--workers", "2"]) == 0
     with pytest.raises(ValueError, match="have not finished"):
         merge_task_manifests(tmp_path / "arr")
     for i in (1, 2):
-        assert main([*args, "--task-index", str(i), "--num-tasks", "3", "--no-progress", "--workers", "1"]) == 0
+        assert (
+            main([*args, "--task-index", str(i), "--num-tasks", "3", "--no-progress", "--workers", "1"]) == 0
+        )
     assert main(["merge", "--out", str(tmp_path / "arr")]) == 0
     one, arr = read_manifest(tmp_path / "one"), read_manifest(tmp_path / "arr")
     assert one["shards"] == arr["shards"] and one["total"] == arr["total"] == 15

@@ -17,7 +17,7 @@ from mimscale.bench import synthetic_batch
 from mimscale.config import load_recipe
 from mimscale.engine.loop import build_target_provider, prepare_batch, seed_everything
 from mimscale.engine.optim import param_groups
-from mimscale.methods import METHODS
+from mimscale.methods import METHODS, build_method
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,7 +26,7 @@ def build(name: str, *overrides: str):
     recipe = load_recipe(REPO / "recipes" / name / "cpu_tiny.yaml", ["train.micro_batch=4",
                                                                       "train.global_batch=4", *overrides])
     seed_everything(0)
-    method = METHODS[name](recipe)
+    method = build_method(recipe)
     provider = build_target_provider(recipe, torch.device("cpu"))
     return recipe, method, provider
 

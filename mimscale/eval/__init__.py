@@ -1,0 +1,1 @@
+"""Evaluation: kNN, linear probe, fine-tune, diagnostics. Import-light."""

@@ -1,0 +1,79 @@
+"""Read trained weights back from mimscale checkpoints, whatever the ZeRO stage.
+
+A checkpoint is named by a run directory (``runs/x``), its ``checkpoints/`` directory (the
+``LATEST`` pointer is followed) or one tag directory (``runs/x/checkpoints/step00001000``).
+Each tag holds the resolved ``recipe.yaml`` it was trained with. ZeRO-1/2/3 partitions are
+consolidated with DeepSpeed's own tool (``deepspeed.utils.zero_to_fp32``); a stage-0
+checkpoint already holds the whole module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["load_method", "method_state_dict", "recipe_of", "resolve_checkpoint"]
+
+POINTER = "LATEST"  # mimscale.engine.checkpoint.POINTER (not imported: that module pulls numpy/engine)
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
+    """``(checkpoints dir, tag)`` of a run dir, a checkpoints dir or a tag dir.
+
+    Raises:
+        FileNotFoundError: nothing that looks like a complete checkpoint is there.
+    """
+    p = Path(path)
+    for ckpt_dir in (p / "checkpoints", p):
+        pointer = ckpt_dir / POINTER
+        if pointer.is_file():
+            tag = pointer.read_text().strip()
+            if (ckpt_dir / tag).is_dir():
+                return ckpt_dir, tag
+    if (p / "recipe.yaml").is_file() and p.parent.is_dir():
+        return p.parent, p.name
+    raise FileNotFoundError(
+        f"{p}: not a mimscale checkpoint (expected a run dir, its checkpoints/ dir with a {POINTER} "
+        "pointer, or a tag dir holding recipe.yaml)"
+    )
+
+
+def recipe_of(path: str | Path, overrides: list[str] | None = None):
+    """The resolved recipe saved with the checkpoint (plus ``key=value`` overrides)."""
+    from mimscale.config import load_recipe
+
+    ckpt_dir, tag = resolve_checkpoint(path)
+    return load_recipe(ckpt_dir / tag / "recipe.yaml", overrides or [])
+
+
+def method_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The method's full fp32 ``state_dict`` (keys as ``method.state_dict()``) on CPU."""
+    ckpt_dir, tag = resolve_checkpoint(path)
+    tag_dir = ckpt_dir / tag
+    if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    else:  # ZeRO stage 0: DeepSpeed saved the whole module
+        files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"{tag_dir}: no DeepSpeed model states found")
+        sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def load_method(path: str | Path, overrides: list[str] | None = None, device: str | torch.device = "cpu"):
+    """Rebuild the checkpoint's method from its recipe and load the weights (strict).
+
+    Returns:
+        ``(method in eval mode on device, recipe)``.
+    """
+    from mimscale.methods import build_method
+
+    recipe = recipe_of(path, overrides)
+    if recipe.method_cfg is not None and hasattr(recipe.method_cfg, "pretrained"):
+        recipe.method_cfg.pretrained = ""  # the checkpoint already holds the fine-tuned weights
+    method = build_method(recipe)
+    method.load_state_dict(method_state_dict(path), strict=True)
+    return method.to(device).eval(), recipe

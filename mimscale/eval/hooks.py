@@ -1,0 +1,226 @@
+"""Evaluation hooks run by the training loop every ``eval.every`` optimizer steps.
+
+``eval:`` recipe section (:class:`EvalConfig`)::
+
+    eval: {every: 500, knn: true, linear: true, pool: cls}   # kNN + fast linear probe
+    eval: {every: 0, at_end: true, top1: true}                # fine-tuning: the method's own head
+
+One evaluation = one pass over the labeled bank (``eval.train``, default ``data.train``) and
+the held-out split (``eval.val``, default ``data.val``), split across ranks and all-gathered
+(:mod:`mimscale.eval.features`); rank 0 then fits the kNN / linear probe on the cached features
+and logs ``eval/knn_top1``, ``eval/linear_top1``, ``eval/top1`` with step and samples seen.
+Under ZeRO-3 the parameters are gathered once into a plain copy of the method (built on the
+first evaluation), so the evaluation never runs through the engine's partitioned module.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+
+__all__ = ["EvalConfig", "EvalHook", "build_eval_hooks", "evaluate"]
+
+Diagnostic = Literal["attention_distance", "spectrum", "heterogeneity"]
+
+
+@dataclass
+class EvalConfig:
+    """The ``eval:`` recipe section."""
+
+    every: int = 0  # optimizer steps between evaluations; 0 = only at the end (if at_end)
+    at_end: bool = False  # also evaluate after the last step
+    train: str = ""  # labeled bank for kNN / probe (manifest.json); default data.train
+    val: str = ""  # held-out labeled split; default data.val
+    batch_size: int = 256  # per rank, feature extraction
+    pool: Literal["cls", "mean"] = "cls"  # cls: MAE linear-probe protocol; mean: patch tokens
+    knn: bool = True  # weighted kNN (DINO): cosine, k, temperature
+    k: int = 20
+    temperature: float = 0.07
+    linear: bool = True  # fast linear probe on cached features (BN w/o affine + linear)
+    linear_epochs: int = 100
+    linear_lr: float = 1e-3
+    top1: bool = False  # the method's own classifier on eval.val (fine-tuning: method.predict)
+    diagnostics: list[Diagnostic] = field(default_factory=list)  # JSON + PNG per evaluation
+    diag_images: int = 64  # images from eval.val used by the diagnostics
+
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0 or self.at_end
+
+    def check(self, recipe: Any) -> None:
+        """Validation against the whole recipe (called by the recipe loader)."""
+        from mimscale.config import RecipeError
+
+        if self.every < 0:
+            raise RecipeError(f".eval.every: expected >= 0, got {self.every}")
+        if not self.enabled:
+            return
+        if not (self.knn or self.linear or self.top1 or self.diagnostics):
+            raise RecipeError(".eval: enabled but knn, linear, top1 and diagnostics are all off")
+        if (self.knn or self.linear) and not (self.train or recipe.data.train):
+            raise RecipeError(".eval.train: kNN / linear probe need a labeled bank (eval.train or data.train)")
+        if not (self.val or recipe.data.val):
+            raise RecipeError(".eval.val: evaluation needs a labeled split (eval.val or data.val)")
+        if self.top1:
+            from mimscale.methods import METHODS
+
+            if not hasattr(METHODS[recipe.method], "predict"):
+                raise RecipeError(f".eval.top1: method {recipe.method!r} has no classifier (predict)")
+        if self.k < 1 or self.batch_size < 1:
+            raise RecipeError(".eval.k: k and batch_size must be >= 1")
+
+
+def _loader(recipe: Any, source: str, cfg: EvalConfig, rank: int, world: int):
+    from mimscale.data.pipeline import build_eval_loader
+
+    return build_eval_loader(
+        recipe.data, img_size=recipe.model.img_size, batch_size=cfg.batch_size, rank=rank,
+        world_size=world, source=source,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def _predict_top1(method: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype) -> float:
+    from mimscale.eval.features import all_gather_rows, normalize_uint8
+
+    hits, counts = torch.zeros(1, device=device), torch.zeros(1, device=device)
+    for batch in loader:
+        keep = batch["valid"].to(device) & (batch["labels"].to(device) >= 0)
+        logits = method.predict(normalize_uint8(batch["views"][0].to(device), dtype))
+        hits += (logits.argmax(-1) == batch["labels"].to(device))[keep].sum()
+        counts += keep.sum()
+    total = all_gather_rows(torch.stack([hits, counts]).view(1, 2)).sum(0)
+    return 100.0 * (total[0] / total[1].clamp_min(1)).item()
+
+
+def evaluate(
+    method: torch.nn.Module,
+    recipe: Any,
+    cfg: EvalConfig,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+    diag_dir: Path | None = None,
+) -> dict[str, float]:
+    """Run the configured evaluations of ``method`` (in eval mode, plain module).
+
+    Collective across ranks (every rank calls it). Results are complete on rank 0; other
+    ranks return the values that need no rank-0-only work (``top1``).
+
+    Args:
+        method: the method (``method.encoder`` is evaluated; ``method.predict`` for top-1).
+        recipe: the run's recipe (data section, model size).
+        cfg: what to evaluate.
+        device: compute device.
+        rank: this rank.
+        world: world size.
+        diag_dir: where diagnostics write JSON + PNG (rank 0; skipped when None).
+
+    Returns:
+        ``{"knn_top1", "linear_top1", "top1", "num_train", "num_val"}`` (the enabled ones).
+    """
+    from mimscale.eval.features import extract_features
+
+    dtype = next(method.parameters()).dtype
+    val_src = cfg.val or recipe.data.val
+    out: dict[str, float] = {}
+    if cfg.knn or cfg.linear:
+        bank = extract_features(method.encoder, _loader(recipe, cfg.train or recipe.data.train, cfg, rank, world),
+                                device, cfg.pool, dtype)  # fmt: skip
+        val = extract_features(method.encoder, _loader(recipe, val_src, cfg, rank, world), device, cfg.pool, dtype)
+        if rank == 0:
+            out.update(_probe(bank, val, cfg))
+    if cfg.top1:
+        out["top1"] = _predict_top1(method, _loader(recipe, val_src, cfg, rank, world), device, dtype)
+    if cfg.diagnostics and rank == 0 and diag_dir is not None:
+        from mimscale.eval.diagnostics import run_diagnostics
+
+        out.update(run_diagnostics(method.encoder, recipe, val_src, cfg.diagnostics, cfg.diag_images, diag_dir))
+    return out
+
+
+def _probe(bank: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], cfg: EvalConfig):
+    from mimscale.eval.knn import knn_accuracy
+    from mimscale.eval.linear import linear_probe_accuracy
+
+    (xb, yb), (xv, yv) = bank, val
+    lb, lv = yb >= 0, yv >= 0  # unlabeled samples cannot vote or be scored
+    xb, yb, xv, yv = xb[lb], yb[lb], xv[lv], yv[lv]
+    if yb.numel() == 0 or yv.numel() == 0:
+        raise ValueError("evaluation: the bank or the val split has no labeled samples (cls entries)")
+    classes = int(max(yb.max(), yv.max())) + 1
+    out: dict[str, float] = {"num_train": float(yb.numel()), "num_val": float(yv.numel())}
+    if cfg.knn:
+        out["knn_top1"] = knn_accuracy(xb, yb, xv, yv, cfg.k, cfg.temperature, classes)
+    if cfg.linear:
+        out["linear_top1"] = linear_probe_accuracy(
+            xb, yb, xv, yv, classes, epochs=cfg.linear_epochs, lr=cfg.linear_lr
+        )
+    return out
+
+
+class EvalHook:
+    """Calls :func:`evaluate` every ``cfg.every`` steps (and at the end) and logs the results."""
+
+    def __init__(self, cfg: EvalConfig) -> None:
+        self.cfg = cfg
+        self._plain: torch.nn.Module | None = None  # ZeRO-3: gathered copy, built once
+
+    def maybe_run(self, trainer: Any) -> dict[str, float] | None:
+        """Evaluate when the step is due; collective (every rank calls it after each step)."""
+        step, cfg = trainer.state.step, self.cfg
+        t = trainer.r.train
+        stop = min(trainer.d.total_steps, t.max_steps) if t.max_steps else trainer.d.total_steps
+        if not ((cfg.every > 0 and step % cfg.every == 0) or (cfg.at_end and step == stop)):
+            return None
+        return self.run(trainer)
+
+    def run(self, trainer: Any) -> dict[str, float]:
+        """Evaluate now and log ``eval/*`` with step and samples seen."""
+        t0 = time.perf_counter()
+        dist = trainer.dist
+        diag_dir = trainer.run_dir / "diagnostics" / f"step{trainer.state.step:08d}"
+        # Evaluation must not move the training RNG streams (exact resume): fork them.
+        devices = [dist.device] if dist.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self._eval_view(trainer) as method:
+            res = evaluate(method, trainer.r, self.cfg, dist.device, dist.rank, dist.world_size, diag_dir)
+        seconds = time.perf_counter() - t0
+        rec = {"step": trainer.state.step, "samples": trainer.state.samples, "eval_seconds": seconds}
+        rec.update({f"eval/{k}": v for k, v in res.items()})
+        shown = " ".join(f"{k} {v:.2f}" for k, v in res.items() if k.endswith("top1"))
+        trainer.logger.log(rec, f"eval step {trainer.state.step}: {shown} ({seconds:.1f} s)")
+        return res
+
+    @contextmanager
+    def _eval_view(self, trainer: Any) -> Iterator[torch.nn.Module]:
+        """The method in eval mode; under ZeRO-3 a plain copy holding the gathered weights."""
+        module = trainer.method
+        if trainer.r.train.zero_stage == 3:
+            import deepspeed
+
+            from mimscale.methods import build_method
+
+            if self._plain is None:
+                self._plain = build_method(trainer.r).to(trainer.dist.device, trainer.dtype)
+            with deepspeed.zero.GatheredParameters(list(module.parameters())):
+                self._plain.load_state_dict(module.state_dict())
+            module = self._plain
+        was_training = module.training
+        module.eval()
+        try:
+            yield module
+        finally:
+            module.train(was_training)
+
+
+def build_eval_hooks(recipe: Any) -> list[EvalHook]:
+    """Hooks with ``maybe_run(trainer)`` called after every optimizer step."""
+    cfg = recipe.extras.get("eval")
+    if cfg is None or not cfg.enabled:
+        return []
+    return [EvalHook(cfg)]
