@@ -46,11 +46,6 @@ def synthetic_batch(recipe, seed: int = 0) -> dict[str, Any]:
     return batch
 
 
-def block_flops(n_tokens: int, dim: int) -> float:
-    """Forward FLOPs of one transformer block on ``n_tokens`` (2 x MACs; 24 d^2 + 4 n d per token)."""
-    return 2.0 * n_tokens * (24 * dim * dim + 4 * n_tokens * dim)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -11,7 +11,12 @@ from pathlib import Path
 
 from mimscale.config import load_recipe
 
-DEMO_RECIPES = {"mae": "mae/cpu_tiny.yaml", "simmim": "simmim/cpu_tiny.yaml"}
+DEMO_RECIPES = {
+    "mae": "mae/cpu_tiny.yaml",
+    "simmim": "simmim/cpu_tiny.yaml",
+    "cae_v2": "cae_v2/cpu_tiny.yaml",  # tiny RANDOM CLIP teacher (the run says so, loudly)
+    "mr_mae": "mr_mae/cpu_tiny.yaml",  # tiny RANDOM CLIP teacher (the run says so, loudly)
+}
 
 
 def run_demo(method: str = "mae", out: Path = Path("runs/demo"), overrides: list[str] | None = None) -> int:

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 # open_clip files that hold full CLIP weights in a Hugging Face repo (safetensors preferred).
 _HF_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 _HF_TIMM_FILES = ("model.safetensors", "pytorch_model.bin")
+# The (unused) text tower of a tiny open_clip teacher built from architecture overrides.
+TINY_TEXT_CFG = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}
 
 
 @dataclass
@@ -74,10 +76,10 @@ class TeacherConfig:
             raise RecipeError(f".teacher.layer: expected -1 (last) or a block number >= 1, got {self.layer}")
         if (self.mean is None) != (self.std is None) or (self.mean is not None and len(self.mean) != 3):
             raise RecipeError(".teacher.mean: give both teacher.mean and teacher.std, three values each")
-        if self._arch_overrides() and not self.allow_random:
+        if self._arch_overrides() and not self.allow_random and _as_file(self.pretrained) is None:
             raise RecipeError(
-                ".teacher.width: architecture overrides build a random teacher; "
-                "set teacher.allow_random: true"
+                ".teacher.width: architecture overrides do not fit a pretrained tag's weights; give "
+                "teacher.pretrained a matching weights file or set teacher.allow_random: true"
             )
 
     def _arch_overrides(self) -> dict[str, int]:
@@ -189,6 +191,9 @@ def resolve_weights(cfg: TeacherConfig) -> tuple[str | None, list[str]]:
     if file is not None:
         looked.append(str(file))
         return (str(file) if file.is_file() else None), looked
+    if cfg._arch_overrides():
+        looked.append(f"nowhere: architecture overrides do not fit the {cfg.pretrained!r} weights")
+        return None, looked
     if cfg.kind == "open_clip":
         import open_clip
 
@@ -243,7 +248,7 @@ def _open_clip_tower(
         kw = dict(
             embed_dim=arch.get("out_dim", 512),
             vision_cfg=vision,
-            text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1),
+            text_cfg=dict(TINY_TEXT_CFG),
         )
     quick = bool(open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained).get("quick_gelu", False))
     model = open_clip.create_model(
@@ -326,7 +331,7 @@ def _warn_random(cfg: TeacherConfig, looked: list[str]) -> None:
     bar = "!" * 100
     print(
         f"{bar}\n[mimscale] WARNING: teacher {cfg.kind}:{cfg.model} has RANDOM weights "
-        f"(teacher.allow_random: true; no weights in {'; '.join(looked) or 'an architecture override'}).\n"
+        f"(teacher.allow_random: true; looked in {'; '.join(looked)}).\n"
         "[mimscale] Its targets are meaningless for research: use it for tests and the CPU demo only.\n"
         f"{bar}",
         file=sys.stderr,
@@ -349,7 +354,7 @@ def build_provider(recipe: Recipe, device: torch.device) -> TeacherProvider:
     """
     cfg: TeacherConfig = recipe.extras.get("teacher") or TeacherConfig()
     grid = (recipe.model.img_size // recipe.model.patch_size,) * 2
-    weights, looked = (None, []) if cfg._arch_overrides() else resolve_weights(cfg)
+    weights, looked = resolve_weights(cfg)
     if weights is None and not cfg.allow_random:
         raise _missing(cfg, looked)
     patch = _patch_of(cfg)

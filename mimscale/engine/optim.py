@@ -53,7 +53,9 @@ def param_groups(model: nn.Module, r: Recipe) -> list[dict[str, Any]]:
             model, weight_decay=o.weight_decay, no_weight_decay_list=list(skip), layer_decay=o.layer_decay
         )
     else:
-        groups = param_groups_weight_decay(model, weight_decay=o.weight_decay, no_weight_decay_list=list(skip))
+        groups = param_groups_weight_decay(
+            model, weight_decay=o.weight_decay, no_weight_decay_list=list(skip)
+        )
     for g in groups:
         g.setdefault("lr_scale", 1.0)
     return groups
@@ -109,19 +111,30 @@ def use_bf16(r: Recipe, device: torch.device) -> bool:
 
 
 def deepspeed_config(r: Recipe, d: Derived, device: torch.device) -> dict[str, Any]:
-    """The DeepSpeed JSON, from a few named recipe settings (EVA-02 style)."""
+    """The DeepSpeed JSON, from a few named recipe settings (EVA-02 style).
+
+    Two DeepSpeed checks are switched off because they cost a Python loop over every parameter
+    each step (on a GPU the step becomes CPU-bound: measured 2.6x slower than the bare step for
+    ViT-L MAE at 128 images): the bf16 per-gradient inf/nan scan (the loop already skips steps
+    whose loss is non-finite, agreed across ranks) and, without clipping, the global grad norm.
+    """
     t = r.train
+    bf16 = use_bf16(r, device)
+    clip = r.optim.clip_grad or 0.0
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.zero_stage == 3:
         # Keep every parameter partitioned (small tiny-model params too) so tests exercise ZeRO-3.
         zero.update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=1e9)
+    # DeepSpeed routes bf16 + ZeRO-1 to its BF16 optimizer, which always computes the norm.
+    if clip == 0.0 and (t.zero_stage == 2 or (t.zero_stage == 1 and not bf16)):
+        zero["compute_grad_norm"] = False
     return {
         "train_batch_size": t.global_batch,
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": d.grad_accum,
-        "gradient_clipping": r.optim.clip_grad or 0.0,
+        "gradient_clipping": clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": use_bf16(r, device)},
+        "bf16": {"enabled": bf16, "check_grad_overflow": False},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,

@@ -99,5 +99,8 @@ def extract_features(
         local_f, local_y = torch.cat(feats), torch.cat(labels)
     else:
         width = getattr(encoder, "embed_dim", 0)
-        local_f, local_y = torch.zeros(0, width, device=device), torch.zeros(0, dtype=torch.long, device=device)
+        local_f, local_y = (
+            torch.zeros(0, width, device=device),
+            torch.zeros(0, dtype=torch.long, device=device),
+        )
     return all_gather_rows(local_f), all_gather_rows(local_y)

@@ -16,10 +16,11 @@ first evaluation), so the evaluation never runs through the engine's partitioned
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -42,8 +43,8 @@ class EvalConfig:
     k: int = 20
     temperature: float = 0.07
     linear: bool = True  # fast linear probe on cached features (BN w/o affine + linear)
-    linear_epochs: int = 100
-    linear_lr: float = 1e-3
+    linear_iters: int = 100  # full-batch L-BFGS iterations of the fast probe
+    linear_wd: float = 1e-4
     top1: bool = False  # the method's own classifier on eval.val (fine-tuning: method.predict)
     diagnostics: list[Diagnostic] = field(default_factory=list)  # JSON + PNG per evaluation
     diag_images: int = 64  # images from eval.val used by the diagnostics
@@ -63,7 +64,9 @@ class EvalConfig:
         if not (self.knn or self.linear or self.top1 or self.diagnostics):
             raise RecipeError(".eval: enabled but knn, linear, top1 and diagnostics are all off")
         if (self.knn or self.linear) and not (self.train or recipe.data.train):
-            raise RecipeError(".eval.train: kNN / linear probe need a labeled bank (eval.train or data.train)")
+            raise RecipeError(
+                ".eval.train: kNN / linear probe need a labeled bank (eval.train or data.train)"
+            )
         if not (self.val or recipe.data.val):
             raise RecipeError(".eval.val: evaluation needs a labeled split (eval.val or data.val)")
         if self.top1:
@@ -130,9 +133,11 @@ def evaluate(
     val_src = cfg.val or recipe.data.val
     out: dict[str, float] = {}
     if cfg.knn or cfg.linear:
-        bank = extract_features(method.encoder, _loader(recipe, cfg.train or recipe.data.train, cfg, rank, world),
-                                device, cfg.pool, dtype)  # fmt: skip
-        val = extract_features(method.encoder, _loader(recipe, val_src, cfg, rank, world), device, cfg.pool, dtype)
+        bank_loader = _loader(recipe, cfg.train or recipe.data.train, cfg, rank, world)
+        bank = extract_features(method.encoder, bank_loader, device, cfg.pool, dtype)
+        val = extract_features(
+            method.encoder, _loader(recipe, val_src, cfg, rank, world), device, cfg.pool, dtype
+        )
         if rank == 0:
             out.update(_probe(bank, val, cfg))
     if cfg.top1:
@@ -140,7 +145,9 @@ def evaluate(
     if cfg.diagnostics and rank == 0 and diag_dir is not None:
         from mimscale.eval.diagnostics import run_diagnostics
 
-        out.update(run_diagnostics(method.encoder, recipe, val_src, cfg.diagnostics, cfg.diag_images, diag_dir))
+        out.update(
+            run_diagnostics(method.encoder, recipe, val_src, cfg.diagnostics, cfg.diag_images, diag_dir)
+        )
     return out
 
 
@@ -159,7 +166,7 @@ def _probe(bank: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, tor
         out["knn_top1"] = knn_accuracy(xb, yb, xv, yv, cfg.k, cfg.temperature, classes)
     if cfg.linear:
         out["linear_top1"] = linear_probe_accuracy(
-            xb, yb, xv, yv, classes, epochs=cfg.linear_epochs, lr=cfg.linear_lr
+            xb, yb, xv, yv, classes, max_iter=cfg.linear_iters, weight_decay=cfg.linear_wd
         )
     return out
 

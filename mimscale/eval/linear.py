@@ -4,12 +4,10 @@ The head is MAE ``main_linprobe.py``'s (METHODS.md §1.3): ``BatchNorm1d(affine=
 then a Linear initialised with std 0.01. The full protocol (LARS, 90 epochs, augmentation) runs
 as a recipe (``recipes/finetune/linprobe_*.yaml``) on the training engine; for periodic use
 during pre-training, :func:`fit_linear_probe` trains the same head on *cached* features (no
-augmentation, one feature pass), which takes seconds.
+augmentation, one feature pass, full-batch L-BFGS), which takes seconds.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -43,56 +41,50 @@ def fit_linear_probe(
     feats: torch.Tensor,
     labels: torch.Tensor,
     num_classes: int,
-    epochs: int = 100,
-    lr: float = 1e-3,
+    max_iter: int = 100,
     weight_decay: float = 1e-4,
-    batch_size: int = 256,
     seed: int = 0,
 ) -> LinearProbeHead:
-    """Train a :class:`LinearProbeHead` on cached features (the fast periodic probe).
+    """Fit a :class:`LinearProbeHead` on cached features, full batch (the fast periodic probe).
 
-    AdamW with a per-step cosine schedule over ``epochs`` passes of shuffled mini-batches;
-    deterministic for a given ``seed``. BatchNorm uses batch statistics while fitting and its
-    running statistics afterwards (the head is returned in eval mode).
+    The BatchNorm's statistics are the training set's (what its running statistics converge
+    to under MAE's protocol); the Linear is then fitted to convergence by full-batch L-BFGS on
+    cross-entropy + ``weight_decay / 2 * |W|^2``, with no learning rate to tune. Deterministic
+    for a given ``seed`` (the initialisation).
 
     Args:
         feats: ``[N, D]`` training features (any float dtype; fitted in fp32).
         labels: long ``[N]`` in ``0 .. num_classes - 1``.
         num_classes: C.
-        epochs: passes over the cached features.
-        lr: peak AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        batch_size: mini-batch (capped at N; a last batch of one sample is dropped for BN).
-        seed: shuffling and init seed.
+        max_iter: L-BFGS iterations.
+        weight_decay: L2 penalty on the Linear weight.
+        seed: init seed.
 
     Returns:
         The fitted head, in eval mode, on ``feats``' device.
     """
     feats, labels = feats.float(), labels.long()
-    n = feats.shape[0]
-    if n < 2:
-        raise ValueError(f"a linear probe needs at least 2 labeled samples, got {n}")
-    g = torch.Generator().manual_seed(seed)
+    if feats.shape[0] < 2:
+        raise ValueError(f"a linear probe needs at least 2 labeled samples, got {feats.shape[0]}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = LinearProbeHead(feats.shape[1], num_classes).to(feats.device)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    bs = min(batch_size, n)
-    steps_per_epoch = math.ceil(n / bs)
-    total = max(1, epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
-    head.train()
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=g).to(feats.device)
-        for idx in order.split(bs):
-            if idx.numel() < 2:  # BatchNorm needs two samples
-                continue
-            loss = F.cross_entropy(head(feats[idx]), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    return head.eval()
+    head.bn.running_mean.copy_(feats.mean(dim=0))
+    head.bn.running_var.copy_(feats.var(dim=0, unbiased=False))
+    head.eval()
+    z = head.bn(feats).detach()
+    opt = torch.optim.LBFGS(
+        head.fc.parameters(), lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(head.fc(z), labels) + 0.5 * weight_decay * head.fc.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return head
 
 
 @torch.no_grad()
@@ -119,7 +111,7 @@ def linear_probe_accuracy(
         test_feats: ``[N_test, D]``.
         test_labels: long ``[N_test]``.
         num_classes: C (default: the largest label seen + 1).
-        **fit_kwargs: forwarded to :func:`fit_linear_probe` (epochs, lr, ...).
+        **fit_kwargs: forwarded to :func:`fit_linear_probe` (max_iter, weight_decay, seed).
 
     Returns:
         Top-1 accuracy in percent.

@@ -128,7 +128,9 @@ class Finetune(Method):
         if cfg.num_classes < 2:
             raise RecipeError(f".finetune.num_classes: expected >= 2, got {cfg.num_classes}")
         if cfg.mode == "linprobe" and (cfg.mixup > 0 or cfg.cutmix > 0 or cfg.randaug or cfg.reprob > 0):
-            raise RecipeError(".finetune.mode: linprobe uses RRC + flip only; set mixup/cutmix/reprob 0, randaug ''")
+            raise RecipeError(
+                ".finetune.mode: linprobe uses RRC + flip only; set mixup/cutmix/reprob 0, randaug ''"
+            )
         if (cfg.mixup > 0 or cfg.cutmix > 0) and recipe.train.micro_batch % 2:
             raise RecipeError(".train.micro_batch: timm Mixup needs an even per-rank batch")
 
@@ -155,7 +157,9 @@ class Finetune(Method):
         """Evaluation logits (the hook's ``eval.top1``); the caller sets eval mode."""
         return self.logits(images)
 
-    def forward(self, batch: dict[str, Any], mask: torch.Tensor | None = None, targets: Any = None) -> MethodOutput:
+    def forward(
+        self, batch: dict[str, Any], mask: torch.Tensor | None = None, targets: Any = None
+    ) -> MethodOutput:
         """One fine-tuning step on ``batch["views"][0]`` and ``batch["labels"]``.
 
         Samples with label -1 (unlabeled) get no loss; a batch without labels gives a zero loss.
@@ -203,7 +207,10 @@ class Finetune(Method):
             from timm.data import rand_augment_transform
 
             size = views.shape[-1]
-            hparams = {"translate_const": int(size * 0.45), "img_mean": tuple(round(255 * m) for m in IMAGENET_MEAN)}
+            hparams = {
+                "translate_const": int(size * 0.45),
+                "img_mean": tuple(round(255 * m) for m in IMAGENET_MEAN),
+            }
             self._randaug = rand_augment_transform(self.cfg.randaug, hparams)
         arr = views.permute(0, 2, 3, 1).cpu().numpy()
         out = np.stack([np.asarray(self._randaug(Image.fromarray(a))) for a in arr])

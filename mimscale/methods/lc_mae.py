@@ -24,6 +24,7 @@ from mimscale.methods.base import Method, MethodOutput
 from mimscale.methods.mae import patchify, pixel_mse_loss
 from mimscale.models.decoders import MAEDecoder
 from mimscale.models.ema import MomentumCopy, average_buffers, cosine_momentum
+from mimscale.models.flops import block_flops
 from mimscale.models.vit import ViTEncoder
 
 if TYPE_CHECKING:
@@ -111,6 +112,7 @@ class LCMAE(Method):
         cfg: LCMAE.Config = recipe.method_cfg or LCMAE.Config()
         self.cfg = cfg
         self.encoder = ViTEncoder(recipe.model)
+        self.mask_ratio = recipe.mask.ratio  # for the FLOP counts only
         d, p = self.encoder.embed_dim, self.encoder.patch_size
         self.decoder = MAEDecoder(
             d, self.encoder.grid, p * p * 3, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads
@@ -122,6 +124,29 @@ class LCMAE(Method):
         # the decoder and predictor, which never influence the loss.
         self.momentum_model = MomentumCopy({"encoder": self.encoder, "projector": self.projector})
         self.total_steps: int | None = None
+        # Fixed per-position weights that hash a mask into the seed of the second view's draw.
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("mask_hash", torch.randint(0, 2**24, (self.encoder.num_patches,), generator=g),
+                             persistent=False)  # fmt: skip
+
+    def flops_per_image(self) -> float:
+        """Forward FLOPs per image of every pass: online encoder on the visible tokens of each
+        online view, momentum encoder on each full view, decoder (heads are negligible)."""
+        enc, cfg = self.encoder, self.cfg
+        views = 2 if cfg.cross_view else 1
+        n_vis = int(enc.num_patches * (1.0 - self.mask_ratio))  # RandomMask's len_keep
+        online = views * enc.depth * block_flops(n_vis + 1, enc.embed_dim)
+        momentum = views * enc.depth * block_flops(enc.num_patches + 1, enc.embed_dim)
+        return online + momentum + cfg.decoder_depth * block_flops(enc.num_patches + 1, cfg.decoder_dim)
+
+    def train_flops_per_image(self) -> float:
+        """FLOPs per image of a training step: 3x forward for the gradient passes (backward ~ 2x
+        forward), 1x for the no-grad momentum passes."""
+        enc = self.encoder
+        momentum = (
+            (2 if self.cfg.cross_view else 1) * enc.depth * block_flops(enc.num_patches + 1, enc.embed_dim)
+        )
+        return 3.0 * (self.flops_per_image() - momentum) + momentum
 
     @classmethod
     def check_recipe(cls, recipe: Recipe) -> None:
@@ -177,6 +202,18 @@ class LCMAE(Method):
             z = self.momentum_model["encoder"](images, mode="all").x[:, 1:].mean(dim=1)  # cls excluded
             return self.momentum_model["projector"](z).float()
 
+    def second_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """View 2's mask, a pure function of view 1's mask (so of the batch): bool ``[B, N]``.
+
+        The draw's generator is seeded by a hash of ``mask``, not taken from the global RNG, so
+        a resumed run, a test and a plug-in all see the same second mask for the same batch
+        (the global RNG's position is not part of the data; e.g. the DataLoader draws from it).
+        """
+        row = torch.arange(1, mask.shape[0] + 1, device=mask.device)
+        seed = int(((mask.long() @ self.mask_hash) * row).sum())  # < 2^63 for any realistic batch
+        g = torch.Generator(device=mask.device).manual_seed(seed)
+        return disjoint_mask(mask, torch.rand(mask.shape, generator=g, device=mask.device))
+
     def online(self, latent: torch.Tensor) -> torch.Tensor:
         """Visible patch tokens ``[B, 1 + |V|, D]`` -> q ``[B, D]`` (mean without cls, §3.9 #5)."""
         return self.predictor(self.projector(latent[:, 1:].mean(dim=1)))
@@ -196,8 +233,7 @@ class LCMAE(Method):
         x1, x2 = batch["images"][0], batch["images"][1]
         b = x1.shape[0]
         if self.cfg.cross_view:
-            # Global torch RNG: per-rank seeded by the engine and saved in every checkpoint.
-            mask2 = disjoint_mask(mask, torch.rand(mask.shape, device=mask.device))
+            mask2 = self.second_mask(mask)
             # One encoder pass over both masked views (per-token ops only, so equal to two passes).
             latent = self.encoder(torch.cat([x1, x2]), torch.cat([mask, mask2]), mode="visible").x
             lat1, lat2 = latent[:b], latent[b:]

@@ -15,6 +15,7 @@ import torch
 from mimscale.config import RecipeError
 from mimscale.methods.base import Method, MethodOutput
 from mimscale.models.decoders import MAEDecoder
+from mimscale.models.flops import block_flops
 from mimscale.models.vit import ViTEncoder
 
 if TYPE_CHECKING:
@@ -97,6 +98,7 @@ class MAE(Method):
         cfg: MAE.Config = recipe.method_cfg or MAE.Config()
         self.cfg = cfg
         self.encoder = ViTEncoder(recipe.model)
+        self.mask_ratio = recipe.mask.ratio  # for flops_per_image only
         p = self.encoder.patch_size
         self.decoder = MAEDecoder(
             self.encoder.embed_dim,
@@ -105,6 +107,14 @@ class MAE(Method):
             dim=cfg.decoder_dim,
             depth=cfg.decoder_depth,
             num_heads=cfg.decoder_heads,
+        )
+
+    def flops_per_image(self) -> float:
+        """Forward FLOPs per image (encoder on visible + cls, decoder on all tokens), for MFU."""
+        enc = self.encoder
+        n_vis = enc.num_patches - round(enc.num_patches * self.mask_ratio)
+        return enc.depth * block_flops(n_vis + 1, enc.embed_dim) + self.cfg.decoder_depth * block_flops(
+            enc.num_patches + 1, self.cfg.decoder_dim
         )
 
     @classmethod

@@ -17,6 +17,7 @@ from torch import nn
 
 from mimscale.config import RecipeError
 from mimscale.methods.base import Method, MethodOutput
+from mimscale.models.flops import block_flops
 from mimscale.models.vit import ViTEncoder
 
 if TYPE_CHECKING:
@@ -67,6 +68,11 @@ class SimMIM(Method):
         p, d = self.encoder.patch_size, self.encoder.embed_dim
         # Key names as SimMIM's checkpoints: decoder.0 is the 1x1 conv.
         self.decoder = nn.Sequential(nn.Conv2d(d, p * p * 3, kernel_size=1), nn.PixelShuffle(p))
+
+    def flops_per_image(self) -> float:
+        """Forward FLOPs per image (every token goes through the encoder), for MFU."""
+        enc = self.encoder
+        return enc.depth * block_flops(enc.num_patches + 1, enc.embed_dim)
 
     @classmethod
     def check_recipe(cls, recipe: Recipe) -> None:

@@ -31,9 +31,14 @@ def build(name: str, *overrides: str):
     return recipe, method, provider
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_method_contract(name: str) -> None:
-    recipe, method, provider = build(name)
+# Every method as registered, plus the plug-in variants (built through the same build_method).
+PLUGINS = {"mto": ["mae", "simmim"]}
+VARIANTS = [(n, None) for n in sorted(METHODS)] + [(n, p) for p, hosts in PLUGINS.items() for n in hosts]
+
+
+@pytest.mark.parametrize("name, plugin", VARIANTS, ids=lambda v: v or "plain")
+def test_method_contract(name: str, plugin: str | None) -> None:
+    recipe, method, provider = build(name, *([f"{plugin}.enabled=true"] if plugin else []))
     batch = prepare_batch(synthetic_batch(recipe), torch.device("cpu"), torch.float32)
     targets = provider(batch) if provider is not None else None
     out = method(batch, batch.get("mask"), targets)

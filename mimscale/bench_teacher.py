@@ -1,0 +1,171 @@
+"""``mimscale bench teacher``: what the frozen teacher costs inside a training step, as JSON.
+
+Usage: ``mimscale bench teacher [RECIPE] [key.sub=value ...] [--steps N] [--out FILE]``. The default
+recipe is CAE v2+ ViT-L/16 on a GPU and the tiny CPU recipe elsewhere; the teacher is random
+(``teacher.allow_random=true``: speed does not depend on the weights). One process, the real engine
+step (:func:`mimscale.engine.loop.train_step`) on one synthetic micro-batch (accumulation 1):
+
+- ``online`` vs ``none``: the step with the teacher forward vs the same step fed cached targets;
+  ``teacher_share`` = 1 - none / online (plus the teacher forward alone).
+- ``amortised``: ``mask.repeats`` M = 1, 2, 4 with the student batch fixed (B / M views, M masks
+  each, one teacher forward per view): step time per student image and per view.
+- ``offload``: the same step with the teacher in DeepSpeed ZeRO-Inference (weights in host memory).
+- FLOPs counted by ``torch.utils.flop_counter`` (student forward + backward and teacher forward);
+  on GPU also images/s, peak memory and MFU counting the teacher's FLOPs (H100 bf16 dense 989 TF/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+H100_BF16_FLOPS = 989e12
+
+
+def teacher_batch(recipe, views: int, repeats: int, seed: int = 0) -> dict[str, Any]:
+    """``views`` random uint8 views with ``repeats`` masks each (rows b*R .. b*R + R - 1)."""
+    from mimscale.masking import build_mask_generator
+
+    s, p = recipe.model.img_size, recipe.model.patch_size
+    g = torch.Generator().manual_seed(seed)
+    gen = build_mask_generator(recipe.mask, (s // p, s // p), s, p)
+    rng = np.random.default_rng(seed)
+    return {
+        "views": [torch.randint(0, 256, (views, 3, s, s), dtype=torch.uint8, generator=g)],
+        "keys": [str(i) for i in range(views)],
+        "labels": torch.full((views,), -1, dtype=torch.long),
+        "mask": torch.from_numpy(np.stack([gen(rng) for _ in range(views * repeats)])),
+    }
+
+
+def _timed(fn: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    """Median seconds per call and peak device memory (GiB, 0 on CPU) over the timed calls."""
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    return statistics.median(times), peak
+
+
+def _flops(method, provider, batch: dict[str, Any], device, dtype) -> tuple[float, float]:
+    """(student forward + backward, teacher forward) FLOPs of one micro-batch, counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mimscale.engine.loop import prepare_batch
+
+    b = prepare_batch(batch, device, dtype)
+    with FlopCounterMode(display=False) as teacher:
+        targets = provider(b)
+    with FlopCounterMode(display=False) as student:
+        method(b, b["mask"], targets).loss.backward()
+    method.zero_grad(set_to_none=True)
+    return float(student.get_total_flops()), float(teacher.get_total_flops())
+
+
+def run_bench(recipe, steps: int, warmup: int = 2) -> dict[str, Any]:
+    """All measurements of the module docstring, as one JSON-able dict."""
+    import deepspeed
+
+    from mimscale.config import derive
+    from mimscale.engine.distributed import init_distributed
+    from mimscale.engine.loop import prepare_batch, seed_everything, train_step
+    from mimscale.engine.optim import build_optimizer, deepspeed_config, use_bf16
+    from mimscale.methods import build_method
+    from mimscale.teachers import build_provider
+
+    dist = init_distributed()
+    dev = dist.device
+    seed_everything(0)
+    method = build_method(recipe).to(dev)
+    d = derive(recipe, dist.world_size, recipe.train.global_batch * 1000)
+    opt, sched = build_optimizer(method, recipe, d, dev)
+    engine, *_ = deepspeed.initialize(model=method, optimizer=opt, lr_scheduler=sched,
+                                      config=deepspeed_config(recipe, d, dev))  # fmt: skip
+    dtype = torch.bfloat16 if use_bf16(recipe, dev) else torch.float32
+    provider = build_provider(recipe, dev)
+    n = recipe.train.micro_batch
+    batch = teacher_batch(recipe, n, 1)
+    step = lambda b, fn: train_step(engine, [b], dev, dtype, fn)  # noqa: E731
+    cached = provider(prepare_batch(batch, dev, dtype))
+    online, mem_online = _timed(lambda: step(batch, provider), steps, warmup, dev)
+    none, _ = _timed(lambda: step(batch, lambda _b: cached), steps, warmup, dev)
+    fwd, _ = _timed(lambda: provider(prepare_batch(batch, dev, dtype)), steps, warmup, dev)
+    out: dict[str, Any] = {
+        "method": recipe.method, "size": recipe.model.size, "img_size": recipe.model.img_size,
+        "teacher": f"{provider.cfg.kind}:{provider.cfg.model}@{provider.img_size}px", "device": str(dev),
+        "micro_batch": n, "dtype": str(dtype), "online_step_s": online, "no_teacher_step_s": none,
+        "teacher_forward_s": fwd, "teacher_share": 1.0 - none / online, "amortised": {},
+    }  # fmt: skip
+    for m in (1, 2, 4):
+        if n % m == 0:
+            bm = teacher_batch(recipe, n // m, m)
+            t, _ = _timed(lambda bm=bm: step(bm, provider), steps, warmup, dev)
+            out["amortised"][f"M={m}"] = {"step_s": t, "s_per_image": t / n, "s_per_view": t / (n // m)}
+    student_flops, teacher_flops = _flops(engine.module, provider, batch, dev, dtype)
+    out.update(student_flops_per_image=student_flops / n, teacher_flops_per_image=teacher_flops / n)
+    out["images_per_s"] = n / online
+    if dev.type == "cuda":
+        out.update(peak_mem_gib=mem_online, gpu=torch.cuda.get_device_name())
+        out["mfu_with_teacher"] = (student_flops + teacher_flops) / online / H100_BF16_FLOPS
+    out["offload"] = _offload(recipe, provider, step, batch, dev, dtype, steps, warmup, online)
+    return out
+
+
+def _offload(recipe, resident, step, batch, dev, dtype, steps: int, warmup: int, online: float) -> dict:
+    """The same step with the teacher in ZeRO-Inference; its outputs must equal the resident's."""
+    from mimscale.engine.loop import prepare_batch
+    from mimscale.teachers import build_provider
+
+    recipe.extras["teacher"].offload = True
+    off = build_provider(recipe, dev)
+    recipe.extras["teacher"].offload = False
+    b = prepare_batch(batch, dev, dtype)
+    diff = (off(b).tokens.float() - resident(b).tokens.float()).abs().max().item()
+    t, mem = _timed(lambda: step(batch, off), steps, warmup, dev)
+    fwd, _ = _timed(lambda: off(prepare_batch(batch, dev, dtype)), steps, warmup, dev)
+    res = {"step_s": t, "teacher_forward_s": fwd, "slowdown_vs_resident": t / online, "max_abs_diff": diff}
+    if dev.type == "cuda":
+        res["peak_mem_gib"] = mem
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``mimscale bench teacher``; prints (and optionally writes) the JSON."""
+    from mimscale.cli import recipe_path
+    from mimscale.config import load_recipe
+
+    p = argparse.ArgumentParser(prog="mimscale bench teacher", description=__doc__)
+    p.add_argument("args", nargs="*", help="[RECIPE] key.sub=value ...")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    a = p.parse_args(argv)
+    args = list(a.args)
+    if args and "=" not in args[0]:
+        path = recipe_path(args.pop(0))
+    else:
+        path = recipe_path(
+            "cae_v2/vit_l16_plus.yaml" if torch.cuda.is_available() else "cae_v2/cpu_tiny.yaml"
+        )
+    recipe = load_recipe(path, ["teacher.allow_random=true", "train.micro_batch=8", "train.global_batch=8",
+                                "train.zero_stage=1", *args])  # fmt: skip
+    result = run_bench(recipe, a.steps)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
+    return 0
