@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-DEFAULT = ["model.size=small", "train.global_batch=16", "train.micro_batch=16", "train.zero_stage=1"]
+DEFAULT = ["model.size=small", "train.global_batch=8", "train.micro_batch=8", "train.zero_stage=1"]
 
 
 def synthetic_batch(recipe, seed: int = 0) -> dict[str, Any]:

@@ -69,15 +69,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 BENCHES = {
     "engine": "mimscale.bench",  # engine step vs bare step, images/s, MFU (GPU)
     "data": "mimscale.data.bench",  # decode + augment images/s per worker
+    "teacher": "mimscale.bench_teacher",  # teacher share, amortised M = 1, 2, 4, offloaded teacher
 }
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    rest = list(args.rest)
-    what = args.what
-    if what not in BENCHES:  # `mimscale bench RECIPE key=value` means the engine bench
-        rest, what = [what, *rest], "engine"
-    return _delegate(BENCHES[what], rest)
+def cmd_bench(argv: list[str]) -> int:
+    """`mimscale bench [WHAT] ...`: WHAT from BENCHES, default the engine bench."""
+    if argv and argv[0] in BENCHES:
+        return _delegate(BENCHES[argv[0]], argv[1:])
+    return _delegate(BENCHES["engine"], argv)
 
 
 def _delegate(module: str, argv: list[str]) -> int:
@@ -108,10 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_demo)
 
-    s = sub.add_parser("bench", help="JSON benchmarks: `bench [engine|data|...] ...`")
-    s.add_argument("what", nargs="?", default="engine")
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(fn=cmd_bench)
+    # `bench` hands its whole argv to the chosen benchmark (dispatched in main()).
+    sub.add_parser("bench", help=f"JSON benchmarks: bench [{'|'.join(BENCHES)}] ... (default engine)")
 
     for name, module, help_ in [
         ("prep-shards", "mimscale.data.shards", "ImageFolder / folder / list -> WebDataset shards"),
@@ -129,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:

@@ -31,8 +31,13 @@ def run_demo(method: str = "mae", out: Path = Path("runs/demo"), overrides: list
     paths = write_digits_shards(out / "data")
     recipe = load_recipe(
         recipe_path(DEMO_RECIPES[method]),
-        [f"data.train={paths['train']}", f"data.val={paths['val']}", f"run.out_dir={out}",
-         f"run.name={method}", *(overrides or [])],
+        [
+            f"data.train={paths['train']}",
+            f"data.val={paths['val']}",
+            f"run.out_dir={out}",
+            f"run.name={method}",
+            *(overrides or []),
+        ],
     )
     from mimscale.engine.loop import train
 

@@ -55,7 +55,10 @@ def views(b: int = 2, size: int = 32) -> torch.Tensor:
 
 
 def test_import_is_light() -> None:
-    code = "import sys, mimscale.teachers, mimscale.methods; print('open_clip' in sys.modules, 'deepspeed' in sys.modules)"
+    code = (
+        "import sys, mimscale.teachers, mimscale.methods; "
+        "print('open_clip' in sys.modules, 'deepspeed' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.split() == ["False", "False"]
 

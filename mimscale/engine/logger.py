@@ -17,13 +17,20 @@ class MetricLogger:
         self.enabled = rank == 0
         self.path = run_dir / "metrics.jsonl"
         self.wandb = None
+        if self.enabled:  # run metadata (derived values, teacher provenance) beside the metrics
+            (run_dir / "meta.json").write_text(json.dumps(extra_meta or {}, indent=2, default=str) + "\n")
         if self.enabled and recipe.wandb.enabled and recipe.wandb.mode != "disabled":
             import wandb  # lazy: wandb is heavy and never needed by tests
 
             w = recipe.wandb
             self.wandb = wandb.init(
-                project=w.project, entity=w.entity, name=w.name or recipe.run.name, tags=w.tags,
-                mode=w.mode, dir=str(run_dir), config={**recipe.to_dict(), "meta": extra_meta or {}},
+                project=w.project,
+                entity=w.entity,
+                name=w.name or recipe.run.name,
+                tags=w.tags,
+                mode=w.mode,
+                dir=str(run_dir),
+                config={**recipe.to_dict(), "meta": extra_meta or {}},
             )
 
     def log(self, record: dict[str, Any], console: str | None = None) -> None:
@@ -35,7 +42,9 @@ class MetricLogger:
         if console:
             print(console, flush=True)
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+            self.wandb.log(
+                {k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"]
+            )
 
     def close(self) -> None:
         if self.wandb is not None:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,7 +149,8 @@ class Trainer:
         if self.dist.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_recipe(recipe, self.run_dir / "recipe.yaml")
-        self.logger = MetricLogger(recipe, self.run_dir, self.dist.rank, extra_meta={"derived": vars(self.d)})
+        meta = {"derived": vars(self.d), "teacher": getattr(self.targets_fn, "metadata", None)}
+        self.logger = MetricLogger(recipe, self.run_dir, self.dist.rank, extra_meta=meta)
         if recipe.run.resume == "auto":
             self._maybe_resume()
 

@@ -93,9 +93,14 @@ def build_optimizer(model: nn.Module, r: Recipe, d: Derived, device: torch.devic
     if r.optim.optimizer == "lars":
         from timm.optim import Lars
 
-        for g in groups:  # MAE's LARS adapts (and decays) only the ndim > 1 weights
-            g["always_adapt"] = all(p.ndim > 1 for p in g["params"])
-        opt = Lars(groups, lr=d.lr, momentum=0.9)
+        # MAE's LARS adapts (and decays) only the ndim > 1 weights (timm merges groups at wd 0).
+        split = []
+        for g in groups:
+            for adapt in (True, False):
+                ps = [p for p in g["params"] if (p.ndim > 1) == adapt]
+                if ps:
+                    split.append({**g, "params": ps, "always_adapt": adapt})
+        opt = Lars(split, lr=d.lr, momentum=0.9)
     else:
         opt = torch.optim.AdamW(
             groups, lr=d.lr, betas=tuple(r.optim.betas), eps=r.optim.eps, fused=device.type == "cuda"

@@ -129,24 +129,25 @@ class LCMAE(Method):
         self.register_buffer("mask_hash", torch.randint(0, 2**24, (self.encoder.num_patches,), generator=g),
                              persistent=False)  # fmt: skip
 
-    def flops_per_image(self) -> float:
-        """Forward FLOPs per image of every pass: online encoder on the visible tokens of each
-        online view, momentum encoder on each full view, decoder (heads are negligible)."""
+    def _pass_flops(self) -> tuple[float, float]:
+        """Forward FLOPs per image of the gradient passes (online encoder on the visible tokens of
+        each online view, decoder) and of the no-grad momentum passes (full views); heads omitted."""
         enc, cfg = self.encoder, self.cfg
         views = 2 if cfg.cross_view else 1
         n_vis = int(enc.num_patches * (1.0 - self.mask_ratio))  # RandomMask's len_keep
         online = views * enc.depth * block_flops(n_vis + 1, enc.embed_dim)
-        momentum = views * enc.depth * block_flops(enc.num_patches + 1, enc.embed_dim)
-        return online + momentum + cfg.decoder_depth * block_flops(enc.num_patches + 1, cfg.decoder_dim)
+        decoder = cfg.decoder_depth * block_flops(enc.num_patches + 1, cfg.decoder_dim)
+        return online + decoder, views * enc.depth * block_flops(enc.num_patches + 1, enc.embed_dim)
+
+    def flops_per_image(self) -> float:
+        """Forward FLOPs per image of every pass (for MFU)."""
+        return sum(self._pass_flops())
 
     def train_flops_per_image(self) -> float:
         """FLOPs per image of a training step: 3x forward for the gradient passes (backward ~ 2x
         forward), 1x for the no-grad momentum passes."""
-        enc = self.encoder
-        momentum = (
-            (2 if self.cfg.cross_view else 1) * enc.depth * block_flops(enc.num_patches + 1, enc.embed_dim)
-        )
-        return 3.0 * (self.flops_per_image() - momentum) + momentum
+        grad, nograd = self._pass_flops()
+        return 3.0 * grad + nograd
 
     @classmethod
     def check_recipe(cls, recipe: Recipe) -> None:
@@ -210,7 +211,8 @@ class LCMAE(Method):
         (the global RNG's position is not part of the data; e.g. the DataLoader draws from it).
         """
         row = torch.arange(1, mask.shape[0] + 1, device=mask.device)
-        seed = int(((mask.long() @ self.mask_hash) * row).sum())  # < 2^63 for any realistic batch
+        # (no integer matmul: CUDA has none) every term < 2^24 * N * B, far below 2^63
+        seed = int(((mask.long() * self.mask_hash).sum(dim=1) * row).sum())
         g = torch.Generator(device=mask.device).manual_seed(seed)
         return disjoint_mask(mask, torch.rand(mask.shape, generator=g, device=mask.device))
 

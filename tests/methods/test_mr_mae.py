@@ -15,7 +15,7 @@ from mimscale.engine.loop import build_target_provider, prepare_batch, seed_ever
 from mimscale.masking import build_mask_generator
 from mimscale.methods import build_method
 from mimscale.methods.mae import patchify, pixel_mse_loss
-from mimscale.methods.mr_mae import fusion_layers, focused_mask, mimic_loss
+from mimscale.methods.mr_mae import focused_mask, fusion_layers, mimic_loss
 from mimscale.teachers import TeacherTargets
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,7 +1,8 @@
 """Teacher methods under the real `deepspeed` launcher, 2 CPU processes (gloo), real digits shards:
 CAE v2 and MR-MAE under ZeRO-2 (the loss falls), and MR-MAE under ZeRO-3 with its teacher
 outside the student's engine, offloaded through DeepSpeed ZeRO-Inference (a separate engine).
-In every run the teacher is in no optimizer group and in no checkpoint. ~40-50 s per run (launcher start-up dominates)."""
+In every run the teacher is in no optimizer group and in no checkpoint. ~40-50 s per run
+(launcher start-up dominates)."""
 
 from __future__ import annotations
 
