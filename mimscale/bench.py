@@ -118,8 +118,9 @@ def _report(recipe, dist, method, times: dict[str, list[float]]) -> dict[str, An
         "steps_measured": len(times["engine"]),
     }
     flops = getattr(method, "flops_per_image", None)
-    if callable(flops):
-        train_flops = 3.0 * flops()  # backward ~ 2x forward
+    train = getattr(method, "train_flops_per_image", None)  # methods with forward-only passes
+    if callable(flops) or callable(train):
+        train_flops = train() if callable(train) else 3.0 * flops()  # backward ~ 2x forward
         out["train_flops_per_image"] = train_flops
         if dist.device.type == "cuda":
             peak = 989e12 if "H100" in torch.cuda.get_device_name() else float("nan")  # bf16 dense

@@ -70,6 +70,7 @@ BENCHES = {
     "engine": "mimscale.bench",  # engine step vs bare step, images/s, MFU (GPU)
     "data": "mimscale.data.bench",  # decode + augment images/s per worker
     "teacher": "mimscale.bench_teacher",  # teacher share, amortised M = 1, 2, 4, offloaded teacher
+    "methods": "mimscale.bench_methods",  # LC-MAE vs MAE step, MTO overhead vs its host
 }
 
 

@@ -132,6 +132,7 @@ class TrainConfig:
     log_every: int = 20
     ckpt_every: int = 1000  # optimizer steps; a final checkpoint is always written
     keep_last: int = 3
+    keep_steps: list[int] = field(default_factory=list)  # never pruned (e.g. MTO's epoch-400 checkpoint)
     nan_patience: int = 5  # consecutive non-finite steps before reloading the last checkpoint
     max_steps: int | None = None  # stop early (tests, benchmarks); the schedule still spans epochs
     log_keys: bool = False  # write every consumed sample key to run_dir/keys_rank{r}.txt (resume audits)

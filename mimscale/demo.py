@@ -1,7 +1,10 @@
 """``mimscale demo``: the whole path on a CPU in minutes, on the embedded digits data.
 
 Writes the digits shards (scikit-learn's 1,797 real 8x8 digit images, upscaled to 32 px),
-pre-trains the method's ``cpu_tiny`` recipe as one process, and prints the run directory.
+pre-trains the method's ``cpu_tiny`` recipe as one process with the evaluation hook on (kNN +
+linear probe on the held-out split), then compares the encoder with the same encoder at random
+initialisation (:mod:`mimscale.eval.demo_report`: a table, ``demo_results.json`` and
+``demo_curves.png`` in the run directory).
 """
 
 from __future__ import annotations
@@ -29,19 +32,25 @@ def run_demo(method: str = "mae", out: Path = Path("runs/demo"), overrides: list
         return 2
     t0 = time.perf_counter()
     paths = write_digits_shards(out / "data")
-    recipe = load_recipe(
-        recipe_path(DEMO_RECIPES[method]),
-        [
-            f"data.train={paths['train']}",
-            f"data.val={paths['val']}",
-            f"run.out_dir={out}",
-            f"run.name={method}",
-            *(overrides or []),
-        ],
-    )
+    from mimscale.eval.demo_report import DEMO_EVAL, eval_every
+
+    base = [
+        f"data.train={paths['train']}",
+        f"data.val={paths['val']}",
+        f"run.out_dir={out}",
+        f"run.name={method}",
+    ]
+    base += DEMO_EVAL  # kNN + linear probe on the held-out digits during and after pre-training
+    recipe = load_recipe(recipe_path(DEMO_RECIPES[method]), [*base, *(overrides or [])])
+    if recipe.extras["eval"].every == 0:
+        recipe.extras["eval"].every = eval_every(recipe, paths["num_train"])
     from mimscale.engine.loop import train
 
     run_dir = train(recipe)
-    print(f"[mimscale demo] {method} finished in {time.perf_counter() - t0:.0f} s")
+    seconds = time.perf_counter() - t0
+    print(f"[mimscale demo] {method} finished in {seconds:.0f} s")
     print(f"[mimscale demo] run directory: {run_dir}  (recipe.yaml, metrics.jsonl, checkpoints/)")
+    from mimscale.eval.demo_report import report
+
+    report(recipe, run_dir, seconds)  # the same encoder at random init vs pre-trained; table + PNG
     return 0

@@ -428,6 +428,9 @@ class ShardLoader:
                 collate_fn=_identity,
                 persistent_workers=False,  # workers restart each epoch with the new position
                 pin_memory=torch.cuda.is_available(),  # the engine copies batches to the GPU
+                # Its own generator: without one, creating the iterator draws from the global
+                # torch RNG, which a resumed run would see at a different point (drop-path).
+                generator=torch.Generator(),
             )
         for batch in source:
             if batch["batch_index"] != self._pos:  # the round-robin contract was broken

@@ -56,22 +56,23 @@ def _write_pointer(ckpt_dir: Path, tag: str) -> None:
     os.replace(tmp, ckpt_dir / POINTER)
 
 
-def _prune(ckpt_dir: Path, keep_last: int, current: str) -> None:
+def _prune(ckpt_dir: Path, keep_last: int, current: str, keep_steps: frozenset[int] = frozenset()) -> None:
     tags = sorted(
         (p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step")),
         key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1,
     )
     for p in tags[: max(0, len(tags) - keep_last)]:
-        if p.name != current:
+        if p.name != current and int(p.name[4:]) not in keep_steps:
             shutil.rmtree(p, ignore_errors=True)
 
 
 def save(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], recipe: Recipe,
-         rank: int, keep_last: int) -> str:
+         rank: int) -> str:
     """Save a checkpoint on all ranks; return its tag. Collective: call on every rank.
 
     Per-rank RNG states are written beside DeepSpeed's files (DeepSpeed's ``client_state``
-    is stored once, by rank 0).
+    is stored once, by rank 0). Older tags beyond ``train.keep_last`` are pruned, except the
+    steps listed in ``train.keep_steps``.
     """
     ckpt_dir = Path(ckpt_dir)
     tag = f"step{step:08d}"
@@ -82,7 +83,7 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], 
     barrier()  # every rank's files are on disk before the pointer moves
     if rank == 0:
         _write_pointer(ckpt_dir, tag)
-        _prune(ckpt_dir, keep_last, tag)
+        _prune(ckpt_dir, recipe.train.keep_last, tag, frozenset(recipe.train.keep_steps))
     barrier()
     return tag
 

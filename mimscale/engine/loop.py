@@ -60,6 +60,21 @@ def prepare_batch(batch: dict[str, Any], device: torch.device, dtype: torch.dtyp
     return out
 
 
+def cast_buffers_bf16(module: torch.nn.Module) -> None:
+    """Floating buffers follow the bf16 parameters, except normalisation statistics.
+
+    DeepSpeed casts parameters only; a float32 buffer that is combined with them (timm Beit's
+    fixed ``k_bias``, concatenated into the qkv bias) then breaks ``F.linear`` on the GPU.
+    BatchNorm running statistics stay fp32.
+    """
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase):
+            continue
+        for name, buf in m.named_buffers(recurse=False):
+            if buf.is_floating_point() and buf.dtype != torch.bfloat16:
+                setattr(m, name, buf.to(torch.bfloat16))
+
+
 def build_target_provider(recipe: Recipe, device: torch.device) -> Any:
     """The method's frozen target provider, or None when the method needs no teacher."""
     from mimscale.methods import METHODS
@@ -171,6 +186,8 @@ class Trainer:
             lr_scheduler=sched,
             config=deepspeed_config(self.r, self.d, self.dist.device),
         )
+        if use_bf16(self.r, self.dist.device):
+            cast_buffers_bf16(engine.module)
         return engine
 
     # ------------------------------------------------------------------ checkpoints
@@ -199,15 +216,7 @@ class Trainer:
             "bad_steps": self.state.bad_steps,
             "recipe": self.r.to_dict(),
         }
-        return checkpoint.save(
-            self.engine,
-            self.ckpt_dir,
-            self.state.step,
-            client,
-            self.r,
-            self.dist.rank,
-            self.r.train.keep_last,
-        )
+        return checkpoint.save(self.engine, self.ckpt_dir, self.state.step, client, self.r, self.dist.rank)
 
     # ------------------------------------------------------------------ one step
 

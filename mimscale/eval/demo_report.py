@@ -15,11 +15,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEMO_EVAL", "random_init_results", "report"]
+__all__ = ["DEMO_EVAL", "eval_every", "random_init_results", "report"]
 
 # Recipe overrides that turn the evaluation hook on for the demo (kNN + fast linear probe on the
 # held-out split, five times during pre-training and at the end).
 DEMO_EVAL = ["eval.at_end=true", "eval.knn=true", "eval.linear=true", "eval.batch_size=512"]
+
+
+def eval_every(recipe: Any, num_train: int, times: int = 5) -> int:
+    """Optimizer steps between the demo's evaluations: ``times`` evaluations over the run."""
+    steps = recipe.train.epochs * max(1, num_train // recipe.train.global_batch)
+    if recipe.train.max_steps:
+        steps = min(steps, recipe.train.max_steps)
+    return max(1, int(steps) // times)
 
 
 def random_init_results(recipe: Any) -> dict[str, float]:
@@ -49,7 +57,10 @@ def _plot(recs: list[dict[str, Any]], rand: dict[str, float], out: Path, title: 
     a1.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:gray")
     a1.set(xlabel="optimizer step", ylabel="pre-training loss", title=title)
     evals = [r for r in recs if "eval/knn_top1" in r]
-    for key, color, name in (("knn_top1", "tab:blue", "kNN (k=20)"), ("linear_top1", "tab:orange", "linear probe")):
+    for key, color, name in (
+        ("knn_top1", "tab:blue", "kNN (k=20)"),
+        ("linear_top1", "tab:orange", "linear probe"),
+    ):
         xs = [0] + [r["step"] for r in evals]
         a2.plot(xs, [rand[key]] + [r[f"eval/{key}"] for r in evals], marker="o", color=color, label=name)
         a2.axhline(rand[key], ls="--", lw=0.8, color=color)
@@ -81,7 +92,9 @@ def report(recipe: Any, run_dir: str | Path, seconds: float | None = None) -> di
     trained = {k: last[f"eval/{k}"] for k in ("knn_top1", "linear_top1")}
     rand = random_init_results(recipe)
     png = run_dir / "demo_curves.png"
-    _plot(recs, rand, png, f"{recipe.method} on digits ({recipe.model.embed_dim}-d, depth {recipe.model.depth})")
+    _plot(
+        recs, rand, png, f"{recipe.method} on digits ({recipe.model.embed_dim}-d, depth {recipe.model.depth})"
+    )
     res = {
         "method": recipe.method,
         "steps": last["step"],
@@ -97,7 +110,8 @@ def report(recipe: Any, run_dir: str | Path, seconds: float | None = None) -> di
     n = int(rand["num_val"])
     print(f"\n[mimscale demo] held-out digits ({n} images, 10 classes), frozen {res['pool']} features:")
     print(f"  {'encoder':<30} {'kNN top-1':>10} {'linear top-1':>13}")
-    print(f"  {'random init (same weights, step 0)':<30} {rand['knn_top1']:>9.1f}% {rand['linear_top1']:>12.1f}%")
+    row = "random init (same weights, step 0)"
+    print(f"  {row:<30} {rand['knn_top1']:>9.1f}% {rand['linear_top1']:>12.1f}%")
     name = f"pre-trained ({recipe.method}, {last['step']} steps)"
     print(f"  {name:<30} {trained['knn_top1']:>9.1f}% {trained['linear_top1']:>12.1f}%")
     print(f"[mimscale demo] curves: {png}")

@@ -2,10 +2,11 @@
 
 Used by LC-MAE's momentum encoder (METHODS.md §3.5, §6.2). Design:
 
-- The shadow copy is **not** a registered submodule. DeepSpeed casts the whole trained module to
-  bf16 (``module.bfloat16()``) and ZeRO partitions every registered parameter; an EMA with
-  tau -> 1 in bf16 rounds its updates away (8 mantissa bits vs (1 - tau) ~ 4e-3), so it must be
-  invisible to both. It is never in the optimizer either.
+- The shadow copy is **not** a registered submodule. A bf16 DeepSpeed engine casts every registered
+  parameter of the trained module to bf16 and ZeRO-3 partitions them; an EMA with tau -> 1 in bf16
+  rounds its updates away (8 mantissa bits vs (1 - tau) ~ 4e-3), so it must be invisible to both.
+  It is never in the optimizer either. Under bf16 it is fed the engine's bf16 weights (the fp32
+  masters are partitioned under ZeRO-1/2); their rounding noise averages out in the EMA.
 - It travels with the run as this module's *extra state* (``nn.Module.get_extra_state``), which
   ``state_dict`` / ``load_state_dict`` -- and therefore DeepSpeed's ``save_checkpoint`` /
   ``load_checkpoint`` -- carry. No change to the checkpoint code is needed.

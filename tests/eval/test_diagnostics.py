@@ -79,7 +79,12 @@ def test_rauc_reads_eval_curves_from_metrics(tmp_path: Path) -> None:
     assert xs == [10, 20, 30] and ys == [10, 20, 30]
     from mimscale.eval.rauc import main
 
-    assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--key", "eval/knn_top1", "--out", str(tmp_path / "o")]) == 0
+    assert (
+        main(
+            [str(tmp_path / "a"), str(tmp_path / "b"), "--key", "eval/knn_top1", "--out", str(tmp_path / "o")]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "o/rauc.json").read_text())["rauc"] == pytest.approx(1.0)
     assert (tmp_path / "o/rauc.png").stat().st_size > 0
 

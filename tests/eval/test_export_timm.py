@@ -30,10 +30,13 @@ def fake_stage0_checkpoint(tmp_path: Path, recipe_file: str, *overrides: str):
     return tmp_path / "run", method.eval(), r
 
 
-@pytest.mark.parametrize("recipe_file, overrides", [
-    ("recipes/mae/cpu_tiny.yaml", ()),
-    ("recipes/simmim/cpu_tiny.yaml", ()),  # BEiT arch, shared relative position bias, mask token
-])
+@pytest.mark.parametrize(
+    "recipe_file, overrides",
+    [
+        ("recipes/mae/cpu_tiny.yaml", ()),
+        ("recipes/simmim/cpu_tiny.yaml", ()),  # BEiT arch, shared relative position bias, mask token
+    ],
+)
 def test_export_loads_strictly_in_timm_with_identical_features(tmp_path, recipe_file, overrides) -> None:
     from safetensors import safe_open
 
@@ -53,8 +56,12 @@ def test_export_loads_strictly_in_timm_with_identical_features(tmp_path, recipe_
     # The documented call: timm.create_model(name, pretrained=True, overlay, **timm_kwargs).
     import timm
 
-    model = timm.create_model(meta["timm_name"], pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(out), num_classes=0), **meta["timm_kwargs"]).eval()
+    model = timm.create_model(
+        meta["timm_name"],
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(out), num_classes=0),
+        **meta["timm_kwargs"],
+    ).eval()
     assert torch.equal(model.forward_features(x), want)
     assert meta == export_encoder(run / "checkpoints/step00000007", tmp_path / "again.safetensors")
 
@@ -70,8 +77,9 @@ def test_default_vit_b16_loads_with_the_plain_documented_call(tmp_path) -> None:
     enc = ViTEncoder(ModelConfig(size="base")).eval()
     out = tmp_path / "b16.safetensors"
     save_file({k: v.contiguous() for k, v in enc.vit.state_dict().items()}, str(out))
-    model = timm.create_model("vit_base_patch16_224", pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(out), num_classes=0)).eval()
+    model = timm.create_model(
+        "vit_base_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(out), num_classes=0)
+    ).eval()
     x = torch.randn(1, 3, 224, 224)
     assert torch.allclose(model.forward_features(x), enc(x).x, atol=1e-5)
 
@@ -87,7 +95,10 @@ def test_checkpoint_resolution_and_errors(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="not a mimscale checkpoint"):
         resolve_checkpoint(tmp_path)
     loaded, _ = load_method(run)
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), method.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(loaded.state_dict().values(), method.state_dict().values(), strict=True)
+    )
 
 
 def test_finetune_initialises_from_checkpoint_and_export(tmp_path) -> None:
@@ -100,6 +111,8 @@ def test_finetune_initialises_from_checkpoint_and_export(tmp_path) -> None:
         ft = build_method(r)
         for k, v in method.encoder.vit.state_dict().items():
             assert torch.equal(ft.encoder.vit.state_dict()[k], v), k
-    bad = load_recipe(REPO / "recipes/finetune/cpu_tiny.yaml", [f"finetune.pretrained={run}", "model.depth=2"])
+    bad = load_recipe(
+        REPO / "recipes/finetune/cpu_tiny.yaml", [f"finetune.pretrained={run}", "model.depth=2"]
+    )
     with pytest.raises(Exception, match="does not match model"):
         build_method(bad)

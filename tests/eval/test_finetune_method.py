@@ -26,15 +26,26 @@ def batch_for(r, labels: bool = True):
 
 def test_full_augmentation_path_trains() -> None:
     """RandAugment + RandomErasing + mixup/cutmix + smoothing (timm) give a finite loss and grads."""
-    r = load_recipe(TINY, ["train.micro_batch=8", "train.global_batch=8", "finetune.randaug=rand-m9-mstd0.5-inc1",
-                           "finetune.reprob=0.25", "finetune.mixup=0.8", "finetune.cutmix=1.0"])
+    r = load_recipe(
+        TINY,
+        [
+            "train.micro_batch=8",
+            "train.global_batch=8",
+            "finetune.randaug=rand-m9-mstd0.5-inc1",
+            "finetune.reprob=0.25",
+            "finetune.mixup=0.8",
+            "finetune.cutmix=1.0",
+        ],
+    )
     torch.manual_seed(0)
     m = build_method(r).train()
     out = m(batch_for(r), None)
     assert torch.isfinite(out.loss) and out.metrics["labeled"] == 1.0
     out.loss.backward()
     assert m.head.weight.grad is not None and m.encoder.vit.blocks[0].attn.qkv.weight.grad is not None
-    assert m.encoder.vit.norm.weight.grad is None and not m.encoder.vit.norm.weight.requires_grad  # MAE: fc_norm
+    assert (
+        m.encoder.vit.norm.weight.grad is None and not m.encoder.vit.norm.weight.requires_grad
+    )  # MAE: fc_norm
     assert m.predict(batch_for(r)["images"][0]).shape == (8, 10)
 
 
@@ -46,10 +57,21 @@ def test_unlabeled_samples_get_no_loss() -> None:
 
 
 def test_linprobe_freezes_encoder_and_uses_lars() -> None:
-    r = load_recipe(TINY, ["finetune.mode=linprobe", "finetune.pool=cls", "finetune.head_init_std=0.01",
-                           "finetune.label_smoothing=0.0", "optim.optimizer=lars", "optim.blr=0.1",
-                           "optim.weight_decay=0.0", "optim.layer_decay=null", "train.micro_batch=4",
-                           "train.global_batch=4"])
+    r = load_recipe(
+        TINY,
+        [
+            "finetune.mode=linprobe",
+            "finetune.pool=cls",
+            "finetune.head_init_std=0.01",
+            "finetune.label_smoothing=0.0",
+            "optim.optimizer=lars",
+            "optim.blr=0.1",
+            "optim.weight_decay=0.0",
+            "optim.layer_decay=null",
+            "train.micro_batch=4",
+            "train.global_batch=4",
+        ],
+    )
     m = build_method(r).train()
     assert not m.encoder.training and m.head.training  # the frozen encoder stays in eval mode
     assert not any(p.requires_grad for p in m.encoder.parameters())

@@ -17,10 +17,12 @@ RECIPE = str(REPO / "recipes/finetune/cpu_tiny.yaml")
 @pytest.mark.slow
 def test_two_rank_zero3_finetune_eval_export(digits, tmp_path) -> None:
     kw = {
-        "data.train": digits["train"], "data.val": digits["val"], "run.out_dir": str(tmp_path), "run.name": "ft",
-        "train.zero_stage": 3, "train.global_batch": 64, "train.micro_batch": 32, "train.max_steps": 12,
+        "data.train": digits["train"], "data.val": digits["val"], "run.out_dir": str(tmp_path),
+        "run.name": "ft", "train.zero_stage": 3, "train.global_batch": 64, "train.micro_batch": 32,
+        "train.max_steps": 12,
         "train.log_every": 1, "data.num_workers": 1, "optim.blr": 4.0e-3, "optim.warmup_epochs": 0,
-        "model.drop_path": 0.0, "eval.every": 6, "eval.knn": True, "eval.linear": True, "eval.linear_iters": 30,
+        "model.drop_path": 0.0, "eval.every": 6, "eval.knn": True, "eval.linear": True,
+        "eval.linear_iters": 30,
     }  # fmt: skip
     exe = shutil.which("deepspeed") or "deepspeed"
     run_cmd([exe, "--num_gpus=2", f"--master_port={free_port()}", "--module", "mimscale.train", RECIPE,

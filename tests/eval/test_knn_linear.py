@@ -66,8 +66,11 @@ def test_probe_head_is_mae_protocol() -> None:
 
 def test_knn_and_probe_on_digits_pixels(digits) -> None:
     """Real digits through the evaluation loader: raw pixels are a strong known baseline."""
-    r = load_recipe(REPO / "recipes/mae/cpu_tiny.yaml", [f"data.train={digits['train']}",
-                                                        f"data.val={digits['val']}", "data.num_workers=0"])
+    r = load_recipe(
+        REPO / "recipes/mae/cpu_tiny.yaml",
+        [f"data.train={digits['train']}", f"data.val={digits['val']}", "data.num_workers=0"],
+    )
+
     def pixels(src: str):
         xs, ys = [], []
         for b in _loader(r, src, EvalConfig(batch_size=512), 0, 1):
@@ -84,8 +87,10 @@ def test_knn_and_probe_on_digits_pixels(digits) -> None:
 def test_evaluate_random_encoder_on_digits(digits) -> None:
     from mimscale.methods import build_method
 
-    r = load_recipe(REPO / "recipes/mae/cpu_tiny.yaml", [f"data.train={digits['train']}",
-                                                        f"data.val={digits['val']}", "data.num_workers=0"])
+    r = load_recipe(
+        REPO / "recipes/mae/cpu_tiny.yaml",
+        [f"data.train={digits['train']}", f"data.val={digits['val']}", "data.num_workers=0"],
+    )
     torch.manual_seed(0)
     method = build_method(r).eval()
     res = evaluate(method, r, EvalConfig(at_end=True, linear_iters=50), torch.device("cpu"))
