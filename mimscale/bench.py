@@ -52,12 +52,10 @@ def _sync(device: torch.device) -> None:
 
 
 def run_bench(recipe, steps: int, warmup: int = 3) -> dict[str, Any]:
-    import deepspeed
-
     from mimscale.config import derive
     from mimscale.engine.distributed import init_distributed
-    from mimscale.engine.loop import prepare_batch, seed_everything, train_step
-    from mimscale.engine.optim import build_optimizer, deepspeed_config, use_bf16
+    from mimscale.engine.loop import build_engine, prepare_batch, seed_everything, train_step
+    from mimscale.engine.optim import build_optimizer, use_bf16
     from mimscale.methods import build_method
 
     dist = init_distributed()
@@ -65,10 +63,7 @@ def run_bench(recipe, steps: int, warmup: int = 3) -> dict[str, Any]:
     method = build_method(recipe).to(dist.device)
     bare = copy.deepcopy(method)
     d = derive(recipe, dist.world_size, recipe.train.global_batch * 1000)
-    opt, sched = build_optimizer(method, recipe, d, dist.device)
-    engine, *_ = deepspeed.initialize(
-        model=method, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(recipe, d, dist.device)
-    )
+    engine = build_engine(method, recipe, d, dist.device)
     dtype = torch.bfloat16 if use_bf16(recipe, dist.device) else torch.float32
     bare = bare.to(dtype)
     bare_opt, _ = build_optimizer(bare, recipe, d, dist.device)

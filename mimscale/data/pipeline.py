@@ -404,6 +404,12 @@ class ShardLoader:
         self._epoch, self._pos = int(state["epoch"]), int(state["batches"])
         self._pinned = True
 
+    def close(self) -> None:
+        """Shut down the workers of the current iteration (the position is kept)."""
+        if self._active is not None:
+            self._active.close()
+            self._active = None
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self._active is not None:
             self._active.close()  # shuts down the workers of an abandoned iteration

@@ -66,8 +66,9 @@ def _prune(ckpt_dir: Path, keep_last: int, current: str, keep_steps: frozenset[i
             shutil.rmtree(p, ignore_errors=True)
 
 
-def save(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], recipe: Recipe,
-         rank: int) -> str:
+def save(
+    engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], recipe: Recipe, rank: int
+) -> str:
     """Save a checkpoint on all ranks; return its tag. Collective: call on every rank.
 
     Per-rank RNG states are written beside DeepSpeed's files (DeepSpeed's ``client_state``

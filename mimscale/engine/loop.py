@@ -5,24 +5,26 @@ The loop knows nothing about methods: it reads ``MethodOutput.loss`` and logs ``
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from mimscale.config import Derived, Recipe, derive, save_recipe
 from mimscale.engine import checkpoint
 from mimscale.engine.distributed import DistInfo, all_true, init_distributed
 from mimscale.engine.logger import MetricLogger, format_eta
-from mimscale.engine.optim import build_optimizer, deepspeed_config, use_bf16
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from mimscale.engine.optim import use_bf16
+from mimscale.engine.setup import (  # noqa: F401  (re-exported for tests and the bench)
+    build_engine,
+    build_target_provider,
+    cast_buffers_bf16,
+    prepare_batch,
+    seed_everything,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -37,53 +39,6 @@ class TrainState:
     consecutive_bad: int = 0
     reloaded: bool = False
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def prepare_batch(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """uint8 views -> device, ImageNet-normalised ``images`` in the engine's dtype."""
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-    views = [v.to(device, non_blocking=True) for v in batch["views"]]
-    out = dict(batch)
-    out["views"] = views
-    out["images"] = [((v.float() - mean) / std).to(dtype) for v in views]
-    if "mask" in batch:
-        out["mask"] = batch["mask"].to(device, non_blocking=True)
-    if "labels" in batch:
-        out["labels"] = batch["labels"].to(device, non_blocking=True)
-    return out
-
-
-def cast_buffers_bf16(module: torch.nn.Module) -> None:
-    """Floating buffers follow the bf16 parameters, except normalisation statistics.
-
-    DeepSpeed casts parameters only; a float32 buffer that is combined with them (timm Beit's
-    fixed ``k_bias``, concatenated into the qkv bias) then breaks ``F.linear`` on the GPU.
-    BatchNorm running statistics stay fp32.
-    """
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._NormBase):
-            continue
-        for name, buf in m.named_buffers(recurse=False):
-            if buf.is_floating_point() and buf.dtype != torch.bfloat16:
-                setattr(m, name, buf.to(torch.bfloat16))
-
-
-def build_target_provider(recipe: Recipe, device: torch.device) -> Any:
-    """The method's frozen target provider, or None when the method needs no teacher."""
-    from mimscale.methods import METHODS
-
-    if not getattr(METHODS[recipe.method], "needs_teacher", False):
-        return None
-    from mimscale.teachers import build_provider
-
-    return build_provider(recipe, device)
 
 
 def _stream(loader) -> Iterator[dict[str, Any]]:
@@ -174,21 +129,9 @@ class Trainer:
         return self.engine.module
 
     def _build_engine(self, method: torch.nn.Module):
-        import deepspeed
-
         if self.r.train.activation_checkpointing:
             method.set_grad_checkpointing(True)
-        method.to(self.dist.device)
-        opt, sched = build_optimizer(method, self.r, self.d, self.dist.device)
-        engine, _, _, _ = deepspeed.initialize(
-            model=method,
-            optimizer=opt,
-            lr_scheduler=sched,
-            config=deepspeed_config(self.r, self.d, self.dist.device),
-        )
-        if use_bf16(self.r, self.dist.device):
-            cast_buffers_bf16(engine.module)
-        return engine
+        return build_engine(method, self.r, self.d, self.dist.device)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -196,9 +139,33 @@ class Trainer:
         tag = checkpoint.read_pointer(self.ckpt_dir)
         if tag is None:
             return
+        self._check_compatible(self.ckpt_dir / tag / "recipe.yaml")
         self._load(tag)
         if self.dist.rank == 0:
             print(f"[mimscale] resumed from {self.ckpt_dir / tag} at step {self.state.step}", flush=True)
+
+    def _check_compatible(self, saved: Path) -> None:
+        """DeepSpeed's state layout depends on the ZeRO stage and the precision: say so plainly
+        instead of failing on a missing shard file."""
+        import yaml
+
+        if not saved.is_file():
+            return
+        old = yaml.safe_load(saved.read_text()).get("train", {})
+        dev = self.dist.device
+        for key, now, then in [
+            ("train.zero_stage", self.r.train.zero_stage, old.get("zero_stage")),
+            (
+                "train.precision (resolved bf16)",
+                use_bf16(self.r, dev),
+                old.get("precision") == "bf16" or (old.get("precision") == "auto" and dev.type == "cuda"),
+            ),
+        ]:
+            if then is not None and now != then:
+                raise RuntimeError(
+                    f"cannot resume {saved.parent}: it was saved with {key}={then}, this run has {now}; "
+                    f"use the same setting, or a new run.name / run.resume=never"
+                )
 
     def _load(self, tag: str, restore_data: bool = True) -> None:
         client = checkpoint.load(self.engine, self.ckpt_dir, tag, self.dist.rank)
@@ -269,6 +236,7 @@ class Trainer:
             if self.state.step % t.ckpt_every == 0 and self.state.step != stop:
                 self.save()
         self.save()
+        self.loader.close()  # stop the workers before the interpreter tears down
         self.logger.close()
         if keys_log is not None:
             keys_log.close()

@@ -109,10 +109,10 @@ def report(recipe: Any, run_dir: str | Path, seconds: float | None = None) -> di
     (run_dir / "demo_results.json").write_text(json.dumps(res, indent=2) + "\n")
     n = int(rand["num_val"])
     print(f"\n[mimscale demo] held-out digits ({n} images, 10 classes), frozen {res['pool']} features:")
-    print(f"  {'encoder':<30} {'kNN top-1':>10} {'linear top-1':>13}")
+    print(f"  {'encoder':<36} {'kNN top-1':>10} {'linear top-1':>13}")
     row = "random init (same weights, step 0)"
-    print(f"  {row:<30} {rand['knn_top1']:>9.1f}% {rand['linear_top1']:>12.1f}%")
+    print(f"  {row:<36} {rand['knn_top1']:>9.1f}% {rand['linear_top1']:>12.1f}%")
     name = f"pre-trained ({recipe.method}, {last['step']} steps)"
-    print(f"  {name:<30} {trained['knn_top1']:>9.1f}% {trained['linear_top1']:>12.1f}%")
+    print(f"  {name:<36} {trained['knn_top1']:>9.1f}% {trained['linear_top1']:>12.1f}%")
     print(f"[mimscale demo] curves: {png}")
     return res

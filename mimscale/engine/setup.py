@@ -1,0 +1,80 @@
+"""Building blocks of a run: seeding, batch preparation, the DeepSpeed engine, the teacher.
+
+Shared by the training loop and the benchmark so both measure the same engine.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from mimscale.config import Derived, Recipe
+from mimscale.engine.optim import build_optimizer, deepspeed_config, use_bf16
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare_batch(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """uint8 views -> device, ImageNet-normalised ``images`` in the engine's dtype."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    views = [v.to(device, non_blocking=True) for v in batch["views"]]
+    out = dict(batch)
+    out["views"] = views
+    out["images"] = [((v.float() - mean) / std).to(dtype) for v in views]
+    if "mask" in batch:
+        out["mask"] = batch["mask"].to(device, non_blocking=True)
+    if "labels" in batch:
+        out["labels"] = batch["labels"].to(device, non_blocking=True)
+    return out
+
+
+def cast_buffers_bf16(module: torch.nn.Module) -> None:
+    """Floating buffers follow the bf16 parameters, except normalisation statistics.
+
+    DeepSpeed casts parameters only; a float32 buffer that is combined with them (timm Beit's
+    fixed ``k_bias``, concatenated into the qkv bias) then breaks ``F.linear`` on the GPU.
+    BatchNorm running statistics stay fp32.
+    """
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase):
+            continue
+        for name, buf in m.named_buffers(recurse=False):
+            if buf.is_floating_point() and buf.dtype != torch.bfloat16:
+                setattr(m, name, buf.to(torch.bfloat16))
+
+
+def build_engine(method: torch.nn.Module, r: Recipe, d: Derived, device: torch.device):
+    """``deepspeed.initialize`` with our optimizer groups, schedule and JSON (used by the
+    trainer and the benchmark alike)."""
+    import deepspeed
+
+    method.to(device)
+    opt, sched = build_optimizer(method, r, d, device)
+    engine, _, _, _ = deepspeed.initialize(
+        model=method, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(r, d, device)
+    )
+    if use_bf16(r, device):
+        cast_buffers_bf16(engine.module)
+    return engine
+
+
+def build_target_provider(recipe: Recipe, device: torch.device) -> Any:
+    """The method's frozen target provider, or None when the method needs no teacher."""
+    from mimscale.methods import METHODS
+
+    if not getattr(METHODS[recipe.method], "needs_teacher", False):
+        return None
+    from mimscale.teachers import build_provider
+
+    return build_provider(recipe, device)
