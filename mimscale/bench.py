@@ -126,22 +126,36 @@ def _report(recipe, dist, method, times: dict[str, list[float]]) -> dict[str, An
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    from mimscale.cli import recipe_path
-    from mimscale.config import load_recipe
+def emit(result: dict[str, Any], out: str | None) -> int:
+    """Print the benchmark JSON (and write it to ``out``); the exit code of every bench."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+    return 0
 
-    p = argparse.ArgumentParser(prog="mimscale bench", description=__doc__)
-    p.add_argument("args", nargs="*", help="[engine] [RECIPE] key.sub=value ...")
-    p.add_argument("--steps", type=int, default=10)
+
+def recipe_args(prog: str, doc: str | None, default_recipe: str, steps: int, argv: list[str] | None):
+    """Parse ``[RECIPE] key.sub=value ... [--steps N] [--out FILE]`` shared by the benches.
+
+    Returns:
+        (recipe path, overrides, parsed namespace with ``steps`` and ``out``).
+    """
+    from mimscale.cli import recipe_path
+
+    p = argparse.ArgumentParser(prog=prog, description=doc)
+    p.add_argument("args", nargs="*", help="[RECIPE] key.sub=value ...")
+    p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args(argv)
     args = list(a.args)
-    path = recipe_path(args.pop(0)) if args and "=" not in args[0] else recipe_path("mae/vit_b16.yaml")
+    path = recipe_path(args.pop(0) if args and "=" not in args[0] else default_recipe)
+    return path, args, a
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mimscale.config import load_recipe
+
+    path, args, a = recipe_args("mimscale bench", __doc__, "mae/vit_b16.yaml", 10, argv)
     overrides = [*DEFAULT, *args] if path.name == "vit_b16.yaml" and path.parent.name == "mae" else args
-    recipe = load_recipe(path, overrides)
-    result = run_bench(recipe, a.steps)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
-    return 0
+    return emit(run_bench(load_recipe(path, overrides), a.steps), a.out)

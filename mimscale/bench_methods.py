@@ -18,10 +18,8 @@ within every iteration, so machine noise hits all of them alike; medians are rep
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -142,8 +140,6 @@ def main(argv: list[str] | None = None) -> int:
         name: load_recipe(recipe_path(path), [*common, *extra])
         for name, (path, extra) in variants(a.base, a.mto_host).items()
     }
-    text = json.dumps(run(recipes, a.steps, a.warmup), indent=2)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
-    return 0
+    from mimscale.bench import emit
+
+    return emit(run(recipes, a.steps, a.warmup), a.out)

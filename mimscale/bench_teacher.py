@@ -16,12 +16,9 @@ step (:func:`mimscale.engine.loop.train_step`) on one synthetic micro-batch (acc
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -155,26 +152,11 @@ def _offload(recipe, resident, step, batch, dev, dtype, steps: int, warmup: int,
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mimscale bench teacher``; prints (and optionally writes) the JSON."""
-    from mimscale.cli import recipe_path
+    from mimscale.bench import emit, recipe_args
     from mimscale.config import load_recipe
 
-    p = argparse.ArgumentParser(prog="mimscale bench teacher", description=__doc__)
-    p.add_argument("args", nargs="*", help="[RECIPE] key.sub=value ...")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--out", default=None, help="also write the JSON here")
-    a = p.parse_args(argv)
-    args = list(a.args)
-    if args and "=" not in args[0]:
-        path = recipe_path(args.pop(0))
-    else:
-        path = recipe_path(
-            "cae_v2/vit_l16_plus.yaml" if torch.cuda.is_available() else "cae_v2/cpu_tiny.yaml"
-        )
+    default = "cae_v2/vit_l16_plus.yaml" if torch.cuda.is_available() else "cae_v2/cpu_tiny.yaml"
+    path, args, a = recipe_args("mimscale bench teacher", __doc__, default, 5, argv)
     recipe = load_recipe(path, ["teacher.allow_random=true", "train.micro_batch=8", "train.global_batch=8",
                                 "train.zero_stage=1", *args])  # fmt: skip
-    result = run_bench(recipe, a.steps)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
-    return 0
+    return emit(run_bench(recipe, a.steps), a.out)

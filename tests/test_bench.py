@@ -1,0 +1,30 @@
+"""`mimscale bench` (engine) prints the JSON it promises; the teacher bench too."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from launch import run_cmd
+
+
+def _json(stdout: str) -> dict:
+    start = stdout.index("{\n")
+    return json.loads(stdout[start : stdout.rindex("}") + 1])
+
+
+def test_engine_bench_reports_overhead_ratio_and_throughput(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    res = run_cmd([sys.executable, "-m", "mimscale.cli", "bench", "mae/cpu_tiny.yaml", "train.global_batch=8",
+                   "train.micro_batch=8", "--steps", "2", "--out", str(out)], timeout=300)
+    r = _json(res.stdout)
+    assert r == json.loads(out.read_text())
+    assert r["method"] == "mae" and r["steps_measured"] == 2
+    assert r["engine_step_s"] > 0 and r["bare_step_s"] > 0
+    assert abs(r["engine_overhead_ratio"] - r["engine_step_s"] / r["bare_step_s"]) < 1e-9
+    assert abs(r["images_per_s"] - 8 / r["engine_step_s"]) < 1e-6
+    # FLOPs: encoder on 16 visible + cls, decoder on 64 + cls tokens (cpu_tiny: dims 96 / 64)
+    from mimscale.models.flops import block_flops
+
+    expected = 3 * (4 * block_flops(17, 96) + 2 * block_flops(65, 64))
+    assert abs(r["train_flops_per_image"] - expected) < 1e-3 * expected
