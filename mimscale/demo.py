@@ -32,7 +32,7 @@ def run_demo(method: str = "mae", out: Path = Path("runs/demo"), overrides: list
         return 2
     t0 = time.perf_counter()
     paths = write_digits_shards(out / "data")
-    from mimscale.eval.demo_report import DEMO_EVAL, eval_every
+    from mimscale.eval.demo_report import DEMO_EVAL, DEMO_OVERRIDES, eval_every
 
     base = [
         f"data.train={paths['train']}",
@@ -41,6 +41,7 @@ def run_demo(method: str = "mae", out: Path = Path("runs/demo"), overrides: list
         f"run.name={method}",
     ]
     base += DEMO_EVAL  # kNN + linear probe on the held-out digits during and after pre-training
+    base += DEMO_OVERRIDES.get(method, [])
     recipe = load_recipe(recipe_path(DEMO_RECIPES[method]), [*base, *(overrides or [])])
     if recipe.extras["eval"].every == 0:
         recipe.extras["eval"].every = eval_every(recipe, paths["num_train"])

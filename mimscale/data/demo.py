@@ -77,6 +77,7 @@ def write_digits_shards(
         "val_fraction": val_fraction,
         "seed": seed,
         "fmt": fmt,
+        "shuffled": True,  # shards mix classes (older caches were written in class order)
         "shard_size": shard_size,
     }
     info = _cached(out, settings)

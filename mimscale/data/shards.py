@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mimscale.data.manifest import MANIFEST_FORMAT, write_manifest_files
@@ -349,6 +350,7 @@ def make_shards(
     num_tasks: int = 1,
     split: str = "train",
     progress: bool = True,
+    shuffle_seed: int | None = 0,
 ) -> dict[str, Any]:
     """Write shards ``out/PREFIX-000000.tar, ...`` and (for a single task) the manifest files.
 
@@ -369,6 +371,10 @@ def make_shards(
         num_tasks: number of array tasks; > 1 writes a per-task manifest to ``merge`` later.
         split: split name for timm's ``_info.json``.
         progress: show a tqdm bar.
+        shuffle_seed: seeded permutation of the listed items before planning, so a shard holds
+            many classes (an ImageFolder lists class by class; readers only mix within a shuffle
+            buffer). ``None`` keeps the listing order. The plan stays deterministic, so an
+            interrupted run resumes into the same shards.
 
     Returns:
         The summary dict (images, skipped, bytes, seconds, images_per_s, shards written/reused)
@@ -378,7 +384,10 @@ def make_shards(
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     items, classes, kind = list_source(src)
+    if shuffle_seed is not None:
+        items = [items[i] for i in np.random.default_rng(shuffle_seed).permutation(len(items))]
     settings = {
+        "shuffle_seed": shuffle_seed,
         "prefix": prefix or out_dir.name,
         "shard_size": shard_size,
         "shard_bytes": shard_bytes,
@@ -501,6 +510,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-tasks", type=int, default=1, help="array size; >1 writes per-task manifests")
     p.add_argument("--split", default="train", help="split name in timm's _info.json")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the item permutation (default 0)")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the source's listing order")
     return p
 
 
@@ -528,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
             task_index=a.task_index,
             num_tasks=a.num_tasks,
             split=a.split,
+            shuffle_seed=None if a.no_shuffle else a.shuffle_seed,
             progress=not a.no_progress,
         )
     except (ValueError, FileNotFoundError) as e:

@@ -28,7 +28,8 @@ def _digests(out: Path) -> dict[str, str]:
 
 def test_imagefolder_to_shards_with_manifest(tmp_path: Path) -> None:
     good = make_photo_folder(tmp_path / "src")
-    summary = make_shards(tmp_path / "src", tmp_path / "out", shard_size=4, progress=False)
+    # listing order (no shuffle) so the empty-last-shard case below is deterministic by layout
+    summary = make_shards(tmp_path / "src", tmp_path / "out", shard_size=4, progress=False, shuffle_seed=None)
     m = read_manifest(tmp_path / "out")
     assert summary["images"] == m["total"] == len(good) == 15
     # 17 files in 5 planned shards; the last holds only notes.txt, so it is empty and not listed
@@ -190,3 +191,23 @@ def test_resolve_source_forms(tmp_path: Path, digits: dict) -> None:
     assert resolve_source(str(bare / "a-{000000..000000}.tar")).counts is None
     piped = resolve_source(f"pipe:cat {train}/digits-train-{{000000..000001}}.tar")
     assert piped.urls[1] == f"pipe:cat {train}/digits-train-000001.tar" and piped.counts is None
+
+
+def _cls_order(out: Path) -> list[int]:
+    order = []
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tf:
+            order += [int(tf.extractfile(m).read()) for m in tf.getmembers() if m.name.endswith(".cls")]
+    return order
+
+
+def test_items_are_shuffled_across_classes_unless_asked_not_to(tmp_path: Path) -> None:
+    """An ImageFolder lists class by class; shards must mix classes (seeded, reproducible)."""
+    make_photo_folder(tmp_path / "src", per_class=6, bad=False)
+    make_shards(tmp_path / "src", tmp_path / "a", shard_size=4, progress=False)
+    make_shards(tmp_path / "src", tmp_path / "b", shard_size=4, progress=False)
+    make_shards(tmp_path / "src", tmp_path / "keep", shard_size=4, progress=False, shuffle_seed=None)
+    kept, shuffled = _cls_order(tmp_path / "keep"), _cls_order(tmp_path / "a")
+    assert kept == sorted(kept) and shuffled != kept and sorted(shuffled) == kept
+    assert shuffled == _cls_order(tmp_path / "b")  # the same seed gives the same shards
+    assert read_manifest(tmp_path / "a")["settings"]["shuffle_seed"] == 0
