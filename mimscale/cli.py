@@ -87,6 +87,19 @@ def _delegate(module: str, argv: list[str]) -> int:
     return int(importlib.import_module(module).main(argv) or 0)
 
 
+# Subcommands that own their whole argument list (their own flags, e.g. `prep-shards --src`):
+# name -> (module with main(argv), help). Dispatched before argparse sees the flags.
+DELEGATED = {
+    "prep-shards": ("mimscale.data.shards", "ImageFolder / folder / list -> WebDataset shards"),
+    "demo-data": ("mimscale.data.demo", "write the digits demo shards"),
+    "eval": ("mimscale.eval.standalone", "kNN + linear probe (+ diagnostics) of a checkpoint"),
+    "finetune": ("mimscale.eval.finetune", "fine-tune a pre-trained encoder (method: finetune recipe)"),
+    "linprobe": ("mimscale.eval.linprobe", "linear probe (MAE LARS protocol) of a pre-trained encoder"),
+    "export": ("mimscale.eval.export", "checkpoint encoder -> timm-keyed .safetensors"),
+    "diagnose": ("mimscale.eval.diagnostics", "attention distance, MTO heterogeneity, SV spectrum, RAUC"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mimscale", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -112,28 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     # `bench` hands its whole argv to the chosen benchmark (dispatched in main()).
     sub.add_parser("bench", help=f"JSON benchmarks: bench [{'|'.join(BENCHES)}] ... (default engine)")
 
-    for name, module, help_ in [
-        ("prep-shards", "mimscale.data.shards", "ImageFolder / folder / list -> WebDataset shards"),
-        ("demo-data", "mimscale.data.demo", "write the digits demo shards"),
-        ("eval", "mimscale.eval.standalone", "kNN + linear probe (+ diagnostics) of a checkpoint"),
-        ("finetune", "mimscale.eval.finetune", "fine-tune a pre-trained encoder (method: finetune recipe)"),
-        ("linprobe", "mimscale.eval.linprobe", "linear probe (MAE LARS protocol) of a pre-trained encoder"),
-        ("export", "mimscale.eval.export", "checkpoint encoder -> timm-keyed .safetensors"),
-        ("diagnose", "mimscale.eval.diagnostics", "attention distance, MTO heterogeneity, SV spectrum, RAUC"),
-    ]:
-        s = sub.add_parser(name, help=help_, add_help=False)
-        s.add_argument("rest", nargs=argparse.REMAINDER)
-        s.set_defaults(fn=lambda a, m=module: _delegate(m, a.rest))
+    for name, (_, help_) in DELEGATED.items():  # listed for --help; dispatched in main()
+        sub.add_parser(name, help=help_, add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        return cmd_bench(argv[1:])
-    args = build_parser().parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
+        if argv[:1] == ["bench"]:
+            return cmd_bench(argv[1:])
+        if argv and argv[0] in DELEGATED:
+            return _delegate(DELEGATED[argv[0]][0], argv[1:])
+        args = build_parser().parse_args(argv)
         return int(args.fn(args) or 0)
     except RecipeError as e:
         print(f"recipe error: {e}", file=sys.stderr)

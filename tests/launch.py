@@ -14,12 +14,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_cmd(cmd: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a launcher command from the repo root; fail the test with its output if it fails."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-                **(env or {})}
+    full_env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "disabled",
+        **(env or {}),
+    }
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
     if out.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {out.returncode}\n--- stdout\n{out.stdout[-6000:]}\n"
-                    f"--- stderr\n{out.stderr[-6000:]}")
+        pytest.fail(
+            f"{' '.join(cmd)} exited {out.returncode}\n--- stdout\n{out.stdout[-6000:]}\n"
+            f"--- stderr\n{out.stderr[-6000:]}"
+        )
     return out
 
 

@@ -15,8 +15,22 @@ def _json(stdout: str) -> dict:
 
 def test_engine_bench_reports_overhead_ratio_and_throughput(tmp_path) -> None:
     out = tmp_path / "bench.json"
-    res = run_cmd([sys.executable, "-m", "mimscale.cli", "bench", "mae/cpu_tiny.yaml", "train.global_batch=8",
-                   "train.micro_batch=8", "--steps", "2", "--out", str(out)], timeout=300)
+    res = run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "mimscale.cli",
+            "bench",
+            "mae/cpu_tiny.yaml",
+            "train.global_batch=8",
+            "train.micro_batch=8",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+        ],
+        timeout=300,
+    )
     r = _json(res.stdout)
     assert r == json.loads(out.read_text())
     assert r["method"] == "mae" and r["steps_measured"] == 2

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from mimscale.config import RecipeError, derive, load_recipe, parse_override, recipe_from_dict
+from mimscale.config import (
+    RecipeError,
+    apply_overrides,
+    derive,
+    load_recipe,
+    parse_override,
+    recipe_from_dict,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*/*.yaml"))
@@ -28,7 +35,9 @@ def test_every_shipped_recipe_validates(path: Path) -> None:
     assert r.method == path.parent.name or (path.parent.name == "mto" and r.extras["mto"].enabled)
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
     assert any("Launch" in line for line in header), "the header gives the exact launch line"
-    assert any("Cost" in line for line in header) and any("xpected" in line or "result" in line for line in header)
+    assert any("Cost" in line for line in header) and any(
+        "xpected" in line or "result" in line for line in header
+    )
 
 
 def test_base_inheritance_and_override(tmp_path: Path) -> None:
@@ -63,7 +72,9 @@ def test_base_depth_limited(tmp_path: Path) -> None:
     ],
 )
 def test_validation_errors_name_file_and_key(tmp_path: Path, override: str, match: str) -> None:
-    p = write(tmp_path, "r.yaml", "method: mae\noptim: {blr: 1.0e-4}\ntrain: {global_batch: 256, micro_batch: 64}\n")
+    p = write(
+        tmp_path, "r.yaml", "method: mae\noptim: {blr: 1.0e-4}\ntrain: {global_batch: 256, micro_batch: 64}\n"
+    )
     with pytest.raises(RecipeError, match=match) as e:
         load_recipe(p, [override])
     assert str(p) in str(e.value)
@@ -78,13 +89,21 @@ def test_missing_required_lr(tmp_path: Path) -> None:
 def test_override_parsing() -> None:
     assert parse_override("optim.betas=[0.9, 0.95]") == (["optim", "betas"], [0.9, 0.95])
     assert parse_override("model.layer_scale=null") == (["model", "layer_scale"], None)
+    r = recipe_from_dict(apply_overrides({}, ["optim.lr=2e-4", "optim.min_lr=1E-6"]))
+    assert r.optim.lr == 2e-4 and r.optim.min_lr == 1e-6  # YAML 1.1 reads these as strings
+    with pytest.raises(RecipeError, match=r"optim\.lr: expected float or null, got str 'fast'"):
+        recipe_from_dict(apply_overrides({}, ["optim.lr=fast"]))
     with pytest.raises(RecipeError, match="expected key.sub=value"):
         parse_override("optim.lr")
 
 
 def test_derived_values() -> None:
-    r = recipe_from_dict({"optim": {"blr": 1.5e-4, "warmup_epochs": 2}, "train": {"global_batch": 4096,
-                          "micro_batch": 128, "epochs": 10}})
+    r = recipe_from_dict(
+        {
+            "optim": {"blr": 1.5e-4, "warmup_epochs": 2},
+            "train": {"global_batch": 4096, "micro_batch": 128, "epochs": 10},
+        }
+    )
     d = derive(r, world_size=8, samples_per_epoch=4096 * 100)
     assert d.lr == pytest.approx(2.4e-3)  # MAE: blr * B / 256
     assert d.grad_accum == 4 and d.steps_per_epoch == 100 and d.total_steps == 1000 and d.warmup_steps == 200
@@ -97,15 +116,21 @@ def test_derived_values() -> None:
 def test_cli_check_fails_before_spawning(tmp_path: Path) -> None:
     """A typo is reported by the CLI (exit 2) before any launcher runs."""
     p = write(tmp_path, "r.yaml", "_base_: " + str(REPO / "recipes/mae/cpu_tiny.yaml") + "\n")
-    out = subprocess.run([sys.executable, "-m", "mimscale.cli", "train", str(p), "optim.blrr=1", "--nproc", "2"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "mimscale.cli", "train", str(p), "optim.blrr=1", "--nproc", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert "optim.blrr: unknown key" in out.stderr and str(p) in out.stderr
 
 
 def test_import_is_light() -> None:
-    code = ("import sys, mimscale, mimscale.config, mimscale.cli; "
-            "bad = [m for m in ('deepspeed', 'wandb', 'open_clip', 'webdataset') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, mimscale, mimscale.config, mimscale.cli; "
+        "bad = [m for m in ('deepspeed', 'wandb', 'open_clip', 'webdataset') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr

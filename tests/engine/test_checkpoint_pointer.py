@@ -32,8 +32,12 @@ def test_prune_keeps_last_k_and_listed_steps(tmp_path: Path) -> None:
 
 def test_lr_schedule_matches_mae_formula() -> None:
     """Per-iteration warmup then half-cycle cosine, as MAE util/lr_sched (hand-computed points)."""
-    r = recipe_from_dict({"optim": {"lr": 1.0, "warmup_epochs": 1, "min_lr": 0.1},
-                          "train": {"epochs": 3, "global_batch": 10, "micro_batch": 10}})
+    r = recipe_from_dict(
+        {
+            "optim": {"lr": 1.0, "warmup_epochs": 1, "min_lr": 0.1},
+            "train": {"epochs": 3, "global_batch": 10, "micro_batch": 10},
+        }
+    )
     d = derive(r, world_size=1, samples_per_epoch=100)  # 10 steps per epoch, 30 total, 10 warmup
     assert lr_factor(0, r, d) == 0.0 and lr_factor(5, r, d) == 0.5
     assert lr_factor(10, r, d) == 1.0

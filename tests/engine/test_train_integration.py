@@ -16,9 +16,16 @@ RECIPE = str(REPO / "recipes/mae/cpu_tiny.yaml")
 
 def overrides(digits: dict, out: Path, name: str, **kw) -> list[str]:
     base = {
-        "data.train": digits["train"], "data.val": digits["val"], "run.out_dir": str(out), "run.name": name,
-        "train.log_every": 1, "train.ckpt_every": 1000, "train.log_keys": True,
-        "train.global_batch": 64, "train.micro_batch": 32, "data.num_workers": 1,
+        "data.train": digits["train"],
+        "data.val": digits["val"],
+        "run.out_dir": str(out),
+        "run.name": name,
+        "train.log_every": 1,
+        "train.ckpt_every": 1000,
+        "train.log_keys": True,
+        "train.global_batch": 64,
+        "train.micro_batch": 32,
+        "data.num_workers": 1,
     }
     base.update(kw)
     return [f"{k}={v}" for k, v in base.items()]
@@ -73,8 +80,19 @@ def test_deepspeed_two_ranks_loss_falls_and_resume_is_exact(digits, tmp_path, st
 @pytest.mark.slow
 def test_torchrun_and_single_process_run_the_same_recipe(digits, tmp_path) -> None:
     args = overrides(digits, tmp_path, "tr", **{"train.max_steps": 3})
-    run_cmd([python(), "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-             "-m", "mimscale.train", RECIPE, *args])
+    run_cmd(
+        [
+            python(),
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--standalone",
+            "-m",
+            "mimscale.train",
+            RECIPE,
+            *args,
+        ]
+    )
     assert len(losses(tmp_path / "tr")) == 3
     args = overrides(digits, tmp_path, "one", **{"train.max_steps": 3, "train.micro_batch": 64})
     out = run_cmd([python(), "-m", "mimscale.train", RECIPE, *args])
@@ -107,12 +125,14 @@ sys.exit(main(sys.argv[1:]))
 def test_kill_during_checkpoint_save_resumes_from_previous(digits, tmp_path) -> None:
     script = tmp_path / "die.py"
     script.write_text(KILL_DURING_SAVE)
-    args = overrides(digits, tmp_path, "k", **{"train.max_steps": 6, "train.ckpt_every": 2,
-                                               "train.micro_batch": 64})
+    args = overrides(
+        digits, tmp_path, "k", **{"train.max_steps": 6, "train.ckpt_every": 2, "train.micro_batch": 64}
+    )
     import subprocess
 
-    res = subprocess.run([python(), str(script), RECIPE, *args], cwd=REPO, capture_output=True, text=True,
-                         timeout=600)
+    res = subprocess.run(
+        [python(), str(script), RECIPE, *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 17, res.stdout + res.stderr
     ckpt = tmp_path / "k" / "checkpoints"
     assert (ckpt / "step00000004").is_dir()  # the half-written checkpoint is there...
@@ -147,19 +167,29 @@ def test_nan_steps_are_skipped_then_reload_then_stop(digits, tmp_path) -> None:
 
     script = tmp_path / "nan.py"
     script.write_text(NAN_SCRIPT)
-    args = overrides(digits, tmp_path, "n", **{"train.max_steps": 8, "train.ckpt_every": 2,
-                                               "train.micro_batch": 64, "train.nan_patience": 2})
+    args = overrides(
+        digits,
+        tmp_path,
+        "n",
+        **{"train.max_steps": 8, "train.ckpt_every": 2, "train.micro_batch": 64, "train.nan_patience": 2},
+    )
     # one isolated bad step is skipped; the run completes all 8 steps
-    res = subprocess.run([python(), str(script), "3", RECIPE, *args], cwd=REPO, capture_output=True,
-                         text=True, timeout=600)
+    res = subprocess.run(
+        [python(), str(script), "3", RECIPE, *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "non-finite loss, step skipped" in res.stdout
     recs = [json.loads(x) for x in (tmp_path / "n" / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["step"] == 8 and recs[-1]["bad_steps"] == 1
     # from call 5 on every loss is NaN: 2 bad -> reload step-2 checkpoint -> 2 bad -> stop
     args2 = [a.replace("run.name=n", "run.name=n2") for a in args]
-    res = subprocess.run([python(), str(script), ",".join(map(str, range(5, 40))), RECIPE, *args2],
-                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [python(), str(script), ",".join(map(str, range(5, 40))), RECIPE, *args2],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode != 0
     assert "reloading last good checkpoint" in res.stdout
     assert "consecutive non-finite losses at step" in res.stderr and "step00000004" in res.stderr

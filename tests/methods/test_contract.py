@@ -23,8 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def build(name: str, *overrides: str):
-    recipe = load_recipe(REPO / "recipes" / name / "cpu_tiny.yaml", ["train.micro_batch=4",
-                                                                      "train.global_batch=4", *overrides])
+    recipe = load_recipe(
+        REPO / "recipes" / name / "cpu_tiny.yaml", ["train.micro_batch=4", "train.global_batch=4", *overrides]
+    )
     seed_everything(0)
     method = build_method(recipe)
     provider = build_target_provider(recipe, torch.device("cpu"))

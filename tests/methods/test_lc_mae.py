@@ -144,8 +144,9 @@ def test_loss_pieces_match_an_independent_recomputation(cross_view: bool) -> Non
     mask2 = method.second_mask(mask) if cross_view else None
     ref = recompute(method, batch, mask, mask2)
     assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5)
-    assert out.loss.item() == pytest.approx((out.metrics["loss_pix"] + r.method_cfg.alpha * out.metrics[
-        "loss_gg"]).item(), rel=1e-6)
+    assert out.loss.item() == pytest.approx(
+        (out.metrics["loss_pix"] + r.method_cfg.alpha * out.metrics["loss_gg"]).item(), rel=1e-6
+    )
     assert 0.0 <= out.metrics["loss_gg"].item() <= 4.0
 
 
@@ -174,7 +175,8 @@ def test_after_step_follows_the_schedule() -> None:
             assert torch.allclose(v, tau * xi[k] + (1 - tau) * theta[k], atol=1e-7), k
     assert method.momentum_model.num_updates == 1
     assert method(batch, batch["mask"]).metrics["momentum"].item() == pytest.approx(
-        cosine_momentum(1, 10, 0.996))
+        cosine_momentum(1, 10, 0.996)
+    )
 
 
 @pytest.mark.parametrize(
@@ -196,4 +198,3 @@ def test_one_view_is_refused(tmp_path) -> None:
     p.write_text(f"_base_: {TINY}\ndata: {{views: [{{size: 32, crop: src}}]}}\n")
     with pytest.raises(RecipeError, match=r"data\.views: LC-MAE needs 2 views, got 1"):
         load_recipe(p)
-

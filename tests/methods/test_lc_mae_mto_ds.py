@@ -59,8 +59,15 @@ def falls(losses: list[float]) -> bool:
 def test_lc_mae_zero2_momentum_formula_and_exact_resume(digits, tmp_path) -> None:
     recipe, n = str(REPO / "recipes/lc_mae/cpu_tiny.yaml"), 4
     # Reference run: 2n steps, a checkpoint after every step, the last n + 2 kept.
-    out = deepspeed(recipe, overrides(digits, tmp_path, "full", **{
-        "train.max_steps": 2 * n, "train.ckpt_every": 1, "train.keep_last": n + 2}))
+    out = deepspeed(
+        recipe,
+        overrides(
+            digits,
+            tmp_path,
+            "full",
+            **{"train.max_steps": 2 * n, "train.ckpt_every": 1, "train.keep_last": n + 2},
+        ),
+    )
     assert "per-rank BatchNorm" in out  # SyncBatchNorm refuses CPU tensors: the fallback is announced
     full = tmp_path / "full"
     recs = records(full)
@@ -87,8 +94,9 @@ def test_lc_mae_zero2_momentum_formula_and_exact_resume(digits, tmp_path) -> Non
     ckpt.mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / f"step{n:08d}", ckpt / f"step{n:08d}")
     (ckpt / "LATEST").write_text(f"step{n:08d}\n")
-    out = deepspeed(recipe, overrides(digits, tmp_path, "part", **{
-        "train.max_steps": 2 * n, "train.ckpt_every": 1000}))
+    out = deepspeed(
+        recipe, overrides(digits, tmp_path, "part", **{"train.max_steps": 2 * n, "train.ckpt_every": 1000})
+    )
     assert "resumed from" in out
     part = tmp_path / "part"
     assert [r["loss"] for r in records(part)] == [r["loss"] for r in recs[n:]]
