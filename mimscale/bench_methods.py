@@ -38,22 +38,15 @@ def variants(base: str, mto_host: str) -> dict[str, tuple[str, list[str]]]:
 
 def _engine(recipe, dist) -> Any:
     """A DeepSpeed engine for ``recipe`` as the trainer builds it (schedule horizon 1000 steps)."""
-    import deepspeed
-
     from mimscale.config import derive
-    from mimscale.engine.loop import seed_everything
-    from mimscale.engine.optim import build_optimizer, deepspeed_config
+    from mimscale.engine.loop import build_engine, seed_everything
     from mimscale.methods import build_method
 
     seed_everything(0)
     method = build_method(recipe).to(dist.device)
     d = derive(recipe, dist.world_size, recipe.train.global_batch * 1000)
     method.set_total_steps(d.total_steps)
-    opt, sched = build_optimizer(method, recipe, d, dist.device)
-    engine, *_ = deepspeed.initialize(
-        model=method, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(recipe, d, dist.device)
-    )
-    return engine, d.grad_accum
+    return build_engine(method, recipe, d, dist.device), d.grad_accum
 
 
 def run(recipes: dict[str, Any], steps: int, warmup: int) -> dict[str, Any]:

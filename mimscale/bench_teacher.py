@@ -83,12 +83,10 @@ def _flops(method, provider, batch: dict[str, Any], device, dtype) -> tuple[floa
 
 def run_bench(recipe, steps: int, warmup: int = 2) -> dict[str, Any]:
     """All measurements of the module docstring, as one JSON-able dict."""
-    import deepspeed
-
     from mimscale.config import derive
     from mimscale.engine.distributed import init_distributed
-    from mimscale.engine.loop import prepare_batch, seed_everything, train_step
-    from mimscale.engine.optim import build_optimizer, deepspeed_config, use_bf16
+    from mimscale.engine.loop import build_engine, prepare_batch, seed_everything, train_step
+    from mimscale.engine.optim import use_bf16
     from mimscale.methods import build_method
     from mimscale.teachers import build_provider
 
@@ -97,9 +95,7 @@ def run_bench(recipe, steps: int, warmup: int = 2) -> dict[str, Any]:
     seed_everything(0)
     method = build_method(recipe).to(dev)
     d = derive(recipe, dist.world_size, recipe.train.global_batch * 1000)
-    opt, sched = build_optimizer(method, recipe, d, dev)
-    engine, *_ = deepspeed.initialize(model=method, optimizer=opt, lr_scheduler=sched,
-                                      config=deepspeed_config(recipe, d, dev))  # fmt: skip
+    engine = build_engine(method, recipe, d, dev)
     dtype = torch.bfloat16 if use_bf16(recipe, dev) else torch.float32
     torch.manual_seed(TEACHER_SEED)  # the offloaded copy gets the same (random) weights
     provider = build_provider(recipe, dev)
