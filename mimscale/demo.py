@@ -19,6 +19,8 @@ DEMO_RECIPES = {
     "simmim": "simmim/cpu_tiny.yaml",
     "cae_v2": "cae_v2/cpu_tiny.yaml",  # tiny RANDOM CLIP teacher (the run says so, loudly)
     "mr_mae": "mr_mae/cpu_tiny.yaml",  # tiny RANDOM CLIP teacher (the run says so, loudly)
+    "lc_mae": "lc_mae/cpu_tiny.yaml",
+    "mae_mto": "mto/mae_cpu_tiny.yaml",
 }
 
 
