@@ -14,8 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_cmd(cmd: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a launcher command from the repo root; fail the test with its output if it fails."""
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     full_env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k not in launcher_vars},
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": "1",
         "WANDB_MODE": "disabled",

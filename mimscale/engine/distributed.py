@@ -26,15 +26,17 @@ def _free_port() -> int:
 def init_distributed() -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (NCCL on GPU, gloo on CPU).
 
-    A plain ``python -m mimscale.train`` (no launcher) becomes a world of one: the env vars a
-    launcher would set are filled in so the same code path runs everywhere.
+    A plain ``python -m mimscale.train`` (no launcher) becomes a world of one with a private
+    TCP rendezvous; under a launcher the usual env:// variables are used.
     """
     import deepspeed
 
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    single = "RANK" not in os.environ  # no launcher: a world of one
+    # DeepSpeed's engine reads LOCAL_RANK from the environment. The rendezvous of a world of one
+    # is passed explicitly rather than through RANK/MASTER_PORT env vars, which child processes
+    # (launchers started from the same Python process, e.g. tests) would otherwise inherit.
+    os.environ.setdefault("LOCAL_RANK", "0")
+    local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -43,7 +45,13 @@ def init_distributed() -> DistInfo:
         device = torch.device("cpu")
         backend = "gloo"
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        if single:
+            deepspeed.init_distributed(
+                dist_backend=backend, auto_mpi_discovery=False, rank=0, world_size=1,
+                init_method=f"tcp://127.0.0.1:{_free_port()}",
+            )  # fmt: skip
+        else:
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return DistInfo(
         rank=torch.distributed.get_rank(),
         world_size=torch.distributed.get_world_size(),

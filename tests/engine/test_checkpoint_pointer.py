@@ -45,3 +45,16 @@ def test_lr_schedule_matches_mae_formula() -> None:
     assert abs(lr_factor(30, r, d) - 0.1) < 1e-12
     r.optim.schedule, r.optim.milestones, r.optim.gamma = "multistep", [2.0], 0.1
     assert lr_factor(19, r, d) == 1.0 and abs(lr_factor(20, r, d) - 0.1) < 1e-12
+
+
+def test_world_of_one_does_not_leak_launcher_env(monkeypatch) -> None:
+    """Child launchers started after an in-process run must not inherit RANK / MASTER_PORT."""
+    import os
+
+    from mimscale.engine.distributed import init_distributed
+
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    info = init_distributed()
+    assert info.world_size == 1 and info.rank == 0
+    assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} & set(os.environ)
