@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_methods import tiny_method
 
 from mimscale.bench import synthetic_batch
 from mimscale.config import RecipeError, load_recipe
-from mimscale.engine.loop import build_target_provider, prepare_batch, seed_everything
-from mimscale.methods import build_method
+from mimscale.engine.loop import build_target_provider, prepare_batch
 from mimscale.methods.cae_v2 import feature_loss
 from mimscale.models.pos_embed import cae_sincos_pos_embed
 from mimscale.models.regressor import RegressorBlock
@@ -24,11 +24,8 @@ CPU = torch.device("cpu")
 
 
 def build(*overrides: str):
-    r = load_recipe(
-        REPO / "recipes/cae_v2/cpu_tiny.yaml", ["train.micro_batch=4", "train.global_batch=4", *overrides]
-    )
-    seed_everything(0)
-    return r, build_method(r).eval()
+    r, method = tiny_method("cae_v2", *overrides)
+    return r, method.eval()
 
 
 @pytest.mark.parametrize(

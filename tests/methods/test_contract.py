@@ -8,26 +8,18 @@ group (with and without layer-wise lr decay) while frozen ones land in none.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from tiny_methods import tiny_method
 
 from mimscale.bench import synthetic_batch
-from mimscale.config import load_recipe
-from mimscale.engine.loop import build_target_provider, prepare_batch, seed_everything
+from mimscale.engine.loop import build_target_provider, prepare_batch
 from mimscale.engine.optim import param_groups
-from mimscale.methods import METHODS, build_method
-
-REPO = Path(__file__).resolve().parents[2]
+from mimscale.methods import METHODS
 
 
 def build(name: str, *overrides: str):
-    recipe = load_recipe(
-        REPO / "recipes" / name / "cpu_tiny.yaml", ["train.micro_batch=4", "train.global_batch=4", *overrides]
-    )
-    seed_everything(0)
-    method = build_method(recipe)
+    recipe, method = tiny_method(name, *overrides)
     provider = build_target_provider(recipe, torch.device("cpu"))
     return recipe, method, provider
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_methods import tiny_method
 
 from mimscale.bench import synthetic_batch
 from mimscale.config import RecipeError, load_recipe
-from mimscale.engine.loop import build_target_provider, prepare_batch, seed_everything
+from mimscale.engine.loop import build_target_provider, prepare_batch
 from mimscale.masking import build_mask_generator
-from mimscale.methods import build_method
 from mimscale.methods.mae import patchify, pixel_mse_loss
 from mimscale.methods.mr_mae import focused_mask, fusion_layers, mimic_loss
 from mimscale.teachers import TeacherTargets
@@ -23,11 +23,8 @@ CPU = torch.device("cpu")
 
 
 def build(*overrides: str):
-    r = load_recipe(
-        REPO / "recipes/mr_mae/cpu_tiny.yaml", ["train.micro_batch=4", "train.global_batch=4", *overrides]
-    )
-    seed_everything(0)
-    return r, build_method(r).eval()
+    r, method = tiny_method("mr_mae", *overrides)
+    return r, method.eval()
 
 
 def batch_of(r, repeats: int = 1, seed: int = 0) -> dict:
