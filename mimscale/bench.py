@@ -154,7 +154,7 @@ def recipe_args(prog: str, doc: str | None, default_recipe: str, steps: int, arg
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mimscale.config import load_recipe
+    from mimscale.registry import load_recipe
 
     path, args, a = recipe_args("mimscale bench", __doc__, "mae/vit_b16.yaml", 10, argv)
     overrides = [*DEFAULT, *args] if path.name == "vit_b16.yaml" and path.parent.name == "mae" else args

@@ -118,7 +118,7 @@ def _report(recipes, steps_fn, times: dict[str, list[float]], dist) -> dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     from mimscale.cli import recipe_path
-    from mimscale.config import load_recipe
+    from mimscale.registry import load_recipe
 
     p = argparse.ArgumentParser(prog="mimscale bench methods", description=__doc__)
     p.add_argument("overrides", nargs="*", help="key.sub=value, applied to every variant")

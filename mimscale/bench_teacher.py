@@ -132,10 +132,10 @@ def _offload(recipe, resident, step, batch, dev, dtype, steps: int, warmup: int,
     from mimscale.engine.loop import prepare_batch
     from mimscale.teachers import build_provider
 
-    recipe.extras["teacher"].offload = True
+    recipe.teacher.offload = True
     torch.manual_seed(TEACHER_SEED)
     off = build_provider(recipe, dev)
-    recipe.extras["teacher"].offload = False
+    recipe.teacher.offload = False
     b = prepare_batch(batch, dev, dtype)
     diff = (off(b).tokens.float() - resident(b).tokens.float()).abs().max().item()
     t, mem = _timed(lambda: step(batch, off), steps, warmup, dev)
@@ -149,7 +149,7 @@ def _offload(recipe, resident, step, batch, dev, dtype, steps: int, warmup: int,
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mimscale bench teacher``; prints (and optionally writes) the JSON."""
     from mimscale.bench import emit, recipe_args
-    from mimscale.config import load_recipe
+    from mimscale.registry import load_recipe
 
     default = "cae_v2/vit_l16_plus.yaml" if torch.cuda.is_available() else "cae_v2/cpu_tiny.yaml"
     path, args, a = recipe_args("mimscale bench teacher", __doc__, default, 5, argv)

@@ -12,7 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mimscale.config import RecipeError, load_recipe
+from mimscale.config import RecipeError
+from mimscale.registry import load_recipe
 
 REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

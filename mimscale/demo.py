@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mimscale.config import load_recipe
+from mimscale.registry import load_recipe
 
 DEMO_RECIPES = {
     "mae": "mae/cpu_tiny.yaml",
@@ -45,8 +45,8 @@ def run_demo(method: str = "mae", out: Path = Path("runs/demo"), overrides: list
     base += DEMO_EVAL  # kNN + linear probe on the held-out digits during and after pre-training
     base += DEMO_OVERRIDES.get(method, [])
     recipe = load_recipe(recipe_path(DEMO_RECIPES[method]), [*base, *(overrides or [])])
-    if recipe.extras["eval"].every == 0:
-        recipe.extras["eval"].every = eval_every(recipe, paths["num_train"])
+    if recipe.eval.every == 0:
+        recipe.eval.every = eval_every(recipe, paths["num_train"])
     from mimscale.engine.loop import train
 
     run_dir = train(recipe)

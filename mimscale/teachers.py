@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from mimscale.config import RecipeError
+from mimscale.config import RecipeError, TeacherConfig
 
 if TYPE_CHECKING:
     from mimscale.config import Recipe
@@ -36,55 +36,20 @@ _HF_TIMM_FILES = ("model.safetensors", "pytorch_model.bin")
 TINY_TEXT_CFG = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}
 
 
-@dataclass
-class TeacherConfig:
-    """The ``teacher:`` recipe section (read by methods with ``needs_teacher``).
-
-    The defaults are CAE v2's / MR-MAE's CLIP ViT-B/16 (OpenAI weights) for every student size;
-    each method's ``_base_`` recipe states its feature choice (METHODS.md §2.6, §4.3).
-    """
-
-    kind: Literal["open_clip", "timm"] = "open_clip"
-    model: str = "ViT-B-16"  # open_clip model name, or a timm name such as vit_base_patch16_224.dino
-    # open_clip: a pretrained tag ("openai") resolved from the local cache; timm: "default" (the
-    # name's pretrained tag, from the local Hugging Face cache). Either: or a weights file path.
-    pretrained: str = "openai"
-    cache_dir: str | None = None  # where cached weights live (default: the library's own cache)
-    allow_random: bool = False  # missing weights -> random teacher, loudly (tests / CPU demo only)
-    layer: int = -1  # blocks to run: -1 = all (the last block's output), k = the output of block k
-    norm: bool = True  # final norm (ln_post / timm norm) on every token
-    proj: bool = False  # open_clip proj on every token (CAE v2: 768 -> 512); MR-MAE: off
-    cls_attn: bool = False  # also return the last block's [CLS] attention (MR-MAE focused mimicking)
-    img_size: int | None = None  # None: patch * student grid (the grids match); else must match
-    resize: Literal["bicubic", "bilinear"] = "bicubic"  # view -> teacher size, when they differ
-    mean: list[float] | None = None  # None: the weights' own (CLIP for open_clip, timm's cfg)
-    std: list[float] | None = None
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    offload: bool = False  # DeepSpeed ZeRO-Inference: weights in host memory, streamed per block
-    # Architecture overrides for tiny random teachers (CPU tests / demo; need allow_random).
-    width: int | None = None
-    depth: int | None = None
-    heads: int | None = None
-    patch_size: int | None = None
-    out_dim: int | None = None
-
-    def check(self, recipe: Recipe) -> None:
-        """Cross-field checks that need no model (the grid is checked when the teacher is built)."""
-        if self.kind == "timm" and self.proj:
-            raise RecipeError(".teacher.proj: timm teachers have no output projection; use proj: false")
-        if self.layer == 0 or self.layer < -1:
-            raise RecipeError(f".teacher.layer: expected -1 (last) or a block number >= 1, got {self.layer}")
-        if (self.mean is None) != (self.std is None) or (self.mean is not None and len(self.mean) != 3):
-            raise RecipeError(".teacher.mean: give both teacher.mean and teacher.std, three values each")
-        if self._arch_overrides() and not self.allow_random and _as_file(self.pretrained) is None:
-            raise RecipeError(
-                ".teacher.width: architecture overrides do not fit a pretrained tag's weights; give "
-                "teacher.pretrained a matching weights file or set teacher.allow_random: true"
-            )
-
-    def _arch_overrides(self) -> dict[str, int]:
-        keys = ("width", "depth", "heads", "patch_size", "out_dim")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+def check_recipe(recipe: Recipe, method_cls: type) -> None:
+    """The ``teacher:`` section's checks that need no model (the grid is checked at build time)."""
+    cfg = recipe.teacher
+    if cfg.kind == "timm" and cfg.proj:
+        raise RecipeError(".teacher.proj: timm teachers have no output projection; use proj: false")
+    if cfg.layer == 0 or cfg.layer < -1:
+        raise RecipeError(f".teacher.layer: expected -1 (last) or a block number >= 1, got {cfg.layer}")
+    if (cfg.mean is None) != (cfg.std is None) or (cfg.mean is not None and len(cfg.mean) != 3):
+        raise RecipeError(".teacher.mean: give both teacher.mean and teacher.std, three values each")
+    if cfg.arch_overrides() and not cfg.allow_random and _as_file(cfg.pretrained) is None:
+        raise RecipeError(
+            ".teacher.width: architecture overrides do not fit a pretrained tag's weights; give "
+            "teacher.pretrained a matching weights file or set teacher.allow_random: true"
+        )
 
 
 class TeacherTargets(NamedTuple):
@@ -191,7 +156,7 @@ def resolve_weights(cfg: TeacherConfig) -> tuple[str | None, list[str]]:
     if file is not None:
         looked.append(str(file))
         return (str(file) if file.is_file() else None), looked
-    if cfg._arch_overrides():
+    if cfg.arch_overrides():
         looked.append(f"nowhere: architecture overrides do not fit the {cfg.pretrained!r} weights")
         return None, looked
     if cfg.kind == "open_clip":
@@ -234,7 +199,7 @@ def _open_clip_tower(
     import open_clip
 
     kw: dict[str, Any] = {}
-    arch = cfg._arch_overrides()
+    arch = cfg.arch_overrides()
     if arch:  # a tiny random tower: the named model's config with the given dims
         vision = dict(open_clip.get_model_config(cfg.model)["vision_cfg"])
         width = arch.get("width", vision["width"])
@@ -267,7 +232,7 @@ def _timm_tower(
     import timm
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    arch = cfg._arch_overrides()
+    arch = cfg.arch_overrides()
     names = {"width": "embed_dim", "depth": "depth", "heads": "num_heads", "patch_size": "patch_size"}
     kw: dict[str, Any] = {names[k]: v for k, v in arch.items() if k in names}
     if img_size is not None:
@@ -343,7 +308,7 @@ def build_provider(recipe: Recipe, device: torch.device) -> TeacherProvider:
     """Build the recipe's frozen teacher on ``device``, its grid matched to the student's.
 
     Args:
-        recipe: the validated recipe (``recipe.extras["teacher"]``, ``recipe.model``).
+        recipe: the validated recipe (``recipe.teacher``, ``recipe.model``).
         device: where the teacher runs (its weights stay on the host when ``teacher.offload``).
 
     Returns:
@@ -352,7 +317,7 @@ def build_provider(recipe: Recipe, device: torch.device) -> TeacherProvider:
     Raises:
         RecipeError: missing weights (unless ``allow_random``), unknown tag, unmatched grid.
     """
-    cfg: TeacherConfig = recipe.extras.get("teacher") or TeacherConfig()
+    cfg = recipe.teacher
     grid = (recipe.model.img_size // recipe.model.patch_size,) * 2
     weights, looked = resolve_weights(cfg)
     if weights is None and not cfg.allow_random:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from mimscale.config import RecipeError, load_recipe
+from mimscale.config import RecipeError
+from mimscale.registry import load_recipe
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,14 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mimscale.config import (
-    RecipeError,
-    apply_overrides,
-    derive,
-    load_recipe,
-    parse_override,
-    recipe_from_dict,
-)
+from mimscale.config import RecipeError, apply_overrides, derive, parse_override
+from mimscale.registry import load_recipe, recipe_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*/*.yaml"))
@@ -32,7 +26,7 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 def test_every_shipped_recipe_validates(path: Path) -> None:
     r = load_recipe(path)
     # one folder per method; plug-in recipes (folder "mto") run a host method with the plug-in on
-    assert r.method == path.parent.name or (path.parent.name == "mto" and r.extras["mto"].enabled)
+    assert r.method == path.parent.name or (path.parent.name == "mto" and r.mto.enabled)
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
     assert any("Launch" in line for line in header), "the header gives the exact launch line"
     assert any("Cost" in line for line in header) and any(

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mimscale.config import RecipeError, load_recipe
+from mimscale.config import RecipeError
+from mimscale.registry import load_recipe
 from mimscale.teachers import TINY_TEXT_CFG, TeacherConfig, build_provider, teacher_image_size
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,7 +227,7 @@ def test_timm_projection_is_rejected() -> None:
 OFFLOAD_SCRIPT = textwrap.dedent(
     """
     import sys, torch
-    from mimscale.config import load_recipe
+    from mimscale.registry import load_recipe
     from mimscale.engine.distributed import init_distributed
     from mimscale.teachers import build_provider
 
@@ -234,7 +235,7 @@ OFFLOAD_SCRIPT = textwrap.dedent(
     r = load_recipe(sys.argv[1], [f"teacher.pretrained={sys.argv[2]}", "teacher.allow_random=false",
                                   "teacher.cls_attn=true"])
     resident = build_provider(r, torch.device("cpu"))
-    r.extras["teacher"].offload = True
+    r.teacher.offload = True
     off = build_provider(r, torch.device("cpu"))
     assert type(off._run).__name__ == "DeepSpeedEngine", type(off._run)
     assert all(p.ds_status is not None for p in off.model.parameters())  # ZeRO-3 partitioned

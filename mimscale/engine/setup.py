@@ -81,7 +81,7 @@ def build_target_provider(recipe: Recipe, device: torch.device) -> Any:
     """The method's frozen target provider, or None when the method needs no teacher."""
     from mimscale.methods import METHODS
 
-    if not getattr(METHODS[recipe.method], "needs_teacher", False):
+    if not METHODS[recipe.method].needs_teacher:
         return None
     from mimscale.teachers import build_provider
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_method", "method_state_dict", "recipe_of", "resolve_checkpoint"]
+__all__ = ["method_state_dict", "resolve_checkpoint"]
 
 POINTER = "LATEST"  # mimscale.engine.checkpoint.POINTER (not imported: that module pulls numpy/engine)
 
@@ -39,14 +39,6 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
     )
 
 
-def recipe_of(path: str | Path, overrides: list[str] | None = None):
-    """The resolved recipe saved with the checkpoint (plus ``key=value`` overrides)."""
-    from mimscale.config import load_recipe
-
-    ckpt_dir, tag = resolve_checkpoint(path)
-    return load_recipe(ckpt_dir / tag / "recipe.yaml", overrides or [])
-
-
 def method_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The method's full fp32 ``state_dict`` (keys as ``method.state_dict()``) on CPU."""
     ckpt_dir, tag = resolve_checkpoint(path)
@@ -61,19 +53,3 @@ def method_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise FileNotFoundError(f"{tag_dir}: no DeepSpeed model states found")
         sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-
-
-def load_method(path: str | Path, overrides: list[str] | None = None, device: str | torch.device = "cpu"):
-    """Rebuild the checkpoint's method from its recipe and load the weights (strict).
-
-    Returns:
-        ``(method in eval mode on device, recipe)``.
-    """
-    from mimscale.methods import build_method
-
-    recipe = recipe_of(path, overrides)
-    if recipe.method_cfg is not None and hasattr(recipe.method_cfg, "pretrained"):
-        recipe.method_cfg.pretrained = ""  # the checkpoint already holds the fine-tuned weights
-    method = build_method(recipe)
-    method.load_state_dict(method_state_dict(path), strict=True)
-    return method.to(device).eval(), recipe

@@ -50,7 +50,7 @@ def random_init_results(recipe: Any) -> dict[str, float]:
     with torch.random.fork_rng(devices=[]):
         seed_everything(recipe.run.seed)  # as Trainer.__init__ before build_method
         method = build_method(recipe).eval()
-    return evaluate(method, recipe, recipe.extras["eval"], torch.device("cpu"))
+    return evaluate(method, recipe, recipe.eval, torch.device("cpu"))
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
@@ -110,7 +110,7 @@ def report(recipe: Any, run_dir: str | Path, seconds: float | None = None) -> di
         "method": recipe.method,
         "steps": last["step"],
         "pretrain_seconds": seconds,
-        "pool": recipe.extras["eval"].pool,
+        "pool": recipe.eval.pool,
         "random_init": {k: rand[k] for k in trained},
         "pretrained": trained,
         "num_train": rand["num_train"],

@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-images", type=int, default=64)
     p.add_argument("--logit-scale", default="1.0", help="heterogeneity: 1.0 (paper) or inv_sqrt_d")
     args = p.parse_args(argv)
-    from mimscale.eval.ckpt import load_method
+    from mimscale.eval.runs import load_method
 
     method, recipe = load_method(args.ckpt)
     what = list(ALL) if args.what == "all" else [args.what]

@@ -48,7 +48,8 @@ def export_encoder(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     import timm
     from safetensors.torch import save_file
 
-    from mimscale.eval.ckpt import method_state_dict, recipe_of, resolve_checkpoint
+    from mimscale.eval.ckpt import method_state_dict, resolve_checkpoint
+    from mimscale.eval.runs import recipe_of
     from mimscale.models.vit import ViTEncoder
 
     recipe = recipe_of(ckpt)

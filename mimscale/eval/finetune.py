@@ -16,7 +16,8 @@ __all__ = ["main", "main_linprobe"]
 def main(argv: list[str] | None = None, mode: str | None = None) -> int:
     """``mimscale finetune RECIPE [key=value ...] [--nproc N]`` (``linprobe``: mode linprobe)."""
     from mimscale.cli import cmd_train, recipe_path
-    from mimscale.config import RecipeError, load_recipe
+    from mimscale.config import RecipeError
+    from mimscale.registry import load_recipe
 
     prog = "mimscale linprobe" if mode == "linprobe" else "mimscale finetune"
     p = argparse.ArgumentParser(prog=prog, description=__doc__,

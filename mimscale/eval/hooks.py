@@ -18,64 +18,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-__all__ = ["EvalConfig", "EvalHook", "build_eval_hooks", "evaluate"]
+from mimscale.config import EvalConfig
 
-Diagnostic = Literal["attention_distance", "spectrum", "heterogeneity"]
-
-
-@dataclass
-class EvalConfig:
-    """The ``eval:`` recipe section."""
-
-    every: int = 0  # optimizer steps between evaluations; 0 = only at the end (if at_end)
-    at_end: bool = False  # also evaluate after the last step
-    train: str = ""  # labeled bank for kNN / probe (manifest.json); default data.train
-    val: str = ""  # held-out labeled split; default data.val
-    batch_size: int = 256  # per rank, feature extraction
-    pool: Literal["cls", "mean"] = "cls"  # cls: MAE linear-probe protocol; mean: patch tokens
-    knn: bool = True  # weighted kNN (DINO): cosine, k, temperature
-    k: int = 20
-    temperature: float = 0.07
-    linear: bool = True  # fast linear probe on cached features (BN w/o affine + linear)
-    linear_iters: int = 100  # full-batch L-BFGS iterations of the fast probe
-    linear_wd: float = 1e-4
-    top1: bool = False  # the method's own classifier on eval.val (fine-tuning: method.predict)
-    diagnostics: list[Diagnostic] = field(default_factory=list)  # JSON + PNG per evaluation
-    diag_images: int = 64  # images from eval.val used by the diagnostics
-
-    @property
-    def enabled(self) -> bool:
-        return self.every > 0 or self.at_end
-
-    def check(self, recipe: Any) -> None:
-        """Validation against the whole recipe (called by the recipe loader)."""
-        from mimscale.config import RecipeError
-
-        if self.every < 0:
-            raise RecipeError(f".eval.every: expected >= 0, got {self.every}")
-        if not self.enabled:
-            return
-        if not (self.knn or self.linear or self.top1 or self.diagnostics):
-            raise RecipeError(".eval: enabled but knn, linear, top1 and diagnostics are all off")
-        if (self.knn or self.linear) and not (self.train or recipe.data.train):
-            raise RecipeError(
-                ".eval.train: kNN / linear probe need a labeled bank (eval.train or data.train)"
-            )
-        if not (self.val or recipe.data.val):
-            raise RecipeError(".eval.val: evaluation needs a labeled split (eval.val or data.val)")
-        if self.top1:
-            from mimscale.methods import METHODS
-
-            if not hasattr(METHODS[recipe.method], "predict"):
-                raise RecipeError(f".eval.top1: method {recipe.method!r} has no classifier (predict)")
-        if self.k < 1 or self.batch_size < 1:
-            raise RecipeError(".eval.k: k and batch_size must be >= 1")
+__all__ = ["EvalHook", "build_eval_hooks", "evaluate"]
 
 
 def _loader(recipe: Any, source: str, cfg: EvalConfig, rank: int, world: int):
@@ -227,7 +177,7 @@ class EvalHook:
 
 def build_eval_hooks(recipe: Any) -> list[EvalHook]:
     """Hooks with ``maybe_run(trainer)`` called after every optimizer step."""
-    cfg = recipe.extras.get("eval")
+    cfg = recipe.eval
     if cfg is None or not cfg.enabled:
         return []
     return [EvalHook(cfg)]

@@ -53,12 +53,12 @@ def run_eval(
     Returns:
         The results (complete on rank 0).
     """
-    from mimscale.eval.ckpt import load_method
     from mimscale.eval.hooks import EvalConfig, evaluate
+    from mimscale.eval.runs import load_method
 
     rank, world, device = _init_dist()
     method, recipe = load_method(ckpt, device=device)
-    base = recipe.extras.get("eval") or EvalConfig()
+    base = recipe.eval
     fields = {f.name for f in dataclasses.fields(EvalConfig)}
     unknown = sorted(set(eval_kwargs) - fields)
     if unknown:

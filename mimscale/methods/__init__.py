@@ -3,12 +3,14 @@
 Adding a method = one file here + one line below + recipes + tests; the engine does not change.
 """
 
+from mimscale.config import Recipe
 from mimscale.methods.base import Method, MethodOutput
 from mimscale.methods.cae_v2 import CAEv2
 from mimscale.methods.finetune import Finetune
 from mimscale.methods.lc_mae import LCMAE
 from mimscale.methods.mae import MAE
 from mimscale.methods.mr_mae import MRMAE
+from mimscale.methods.mto import attach as attach_mto
 from mimscale.methods.simmim import SimMIM
 
 METHODS: dict[str, type[Method]] = {
@@ -21,18 +23,22 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
-def build_method(recipe) -> Method:
+def build_method(recipe: Recipe) -> Method:
     """The method of ``recipe`` with its plug-ins attached (what the engine trains).
 
-    Plug-ins: ``mto`` (``recipe.extras["mto"].enabled``) adds the MTO losses in place, keeping
-    the method's class and parameter names (:func:`mimscale.methods.mto.attach`).
+    Plug-ins: ``mto`` (``recipe.mto.enabled``) adds the MTO losses through the method's
+    declared ``plugins`` (run by ``Method.finish``), keeping the method's class and parameter
+    names (:func:`mimscale.methods.mto.attach`).
+
+    Args:
+        recipe: a recipe validated by :func:`mimscale.registry.load_recipe`.
+
+    Returns:
+        The method, in training mode, on the CPU.
     """
     method = METHODS[recipe.method](recipe)
-    mto_cfg = recipe.extras.get("mto")
-    if mto_cfg is not None and mto_cfg.enabled:
-        from mimscale.methods.mto import attach
-
-        attach(method, mto_cfg)
+    if recipe.mto.enabled:
+        attach_mto(method, recipe.mto)
     return method
 
 

@@ -57,9 +57,26 @@ class Method(nn.Module):
     feeds_mask_tokens: ClassVar[bool] = False
     needs_equal_mask_count: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = False  # the engine builds mimscale.teachers.build_provider(recipe)
+    can_predict: ClassVar[bool] = False  # has a classifier: :meth:`predict` (eval.top1)
     encoder: nn.Module
     # Set by a plug-in (MTO) to receive the mask-token stack's hidden states in ``aux``.
     return_stack_hidden: bool = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Plug-ins attached by name (MTO); :meth:`finish` runs them on every forward's output.
+        self.plugins = nn.ModuleDict()
+
+    @classmethod
+    def config_of(cls, recipe: Recipe) -> Any:
+        """The recipe's section for this method (its ``Config``), as the registry validated it."""
+        cfg = recipe.method_cfg
+        if not isinstance(cfg, cls.Config):
+            raise TypeError(
+                f"{cls.__name__}: recipe.method_cfg is {type(cfg).__name__}, expected "
+                f"{cls.Config.__name__}; load recipes through mimscale.registry"
+            )
+        return cfg
 
     @classmethod
     def check_recipe(cls, recipe: Recipe) -> None:
@@ -67,6 +84,32 @@ class Method(nn.Module):
 
     def forward(self, batch: dict[str, Any], mask: torch.Tensor, targets: Any = None) -> MethodOutput:
         raise NotImplementedError
+
+    def finish(self, out: MethodOutput) -> MethodOutput:
+        """Every ``forward`` returns through here: each attached plug-in adds its terms.
+
+        Args:
+            out: the method's own output (with ``aux`` filled when ``return_stack_hidden``).
+
+        Returns:
+            The output after every plug-in in :attr:`plugins`, in attachment order.
+        """
+        for plugin in self.plugins.values():
+            out = plugin(out)
+        return out
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits ``[B, C]`` for normalised images ``[B, 3, H, W]`` (methods with ``can_predict``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no classifier")
+
+    def flops_per_image(self) -> float | None:
+        """Forward FLOPs per image (for MFU); ``None`` when the method does not count them."""
+        return None
+
+    def train_flops_per_image(self) -> float | None:
+        """FLOPs per image of a training step; by default 3x forward (backward ~ 2x forward)."""
+        fwd = self.flops_per_image()
+        return None if fwd is None else 3.0 * fwd
 
     def after_step(self, step: int) -> None:
         """Called after every optimizer step (e.g. EMA updates)."""

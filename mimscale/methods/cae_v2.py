@@ -104,9 +104,9 @@ class CAEv2(Method):
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
-        from mimscale.teachers import TeacherConfig, teacher_out_dim
+        from mimscale.teachers import teacher_out_dim
 
-        cfg: CAEv2.Config = recipe.method_cfg or CAEv2.Config()
+        cfg: CAEv2.Config = CAEv2.config_of(recipe)
         self.cfg = cfg
         self.encoder = ViTEncoder(recipe.model)
         d = self.encoder.embed_dim
@@ -121,7 +121,7 @@ class CAEv2(Method):
                 d_reg, self.encoder.grid, cfg.regressor_depth, cfg.regressor_heads,
                 layer_scale=cfg.regressor_layer_scale, drop_path=cfg.regressor_drop_path,
             )  # fmt: skip
-        out_dim = teacher_out_dim(recipe.extras.get("teacher") or TeacherConfig())
+        out_dim = teacher_out_dim(recipe.teacher)
         # §2.2 step 7: one LayerNorm shared by cls / visible / masked rows, then FC to CLIP space.
         self.head = nn.Sequential(nn.LayerNorm(d_reg, eps=1e-6), nn.Linear(d_reg, out_dim))
         cae_init_(self)
@@ -129,7 +129,7 @@ class CAEv2(Method):
     @classmethod
     def check_recipe(cls, recipe: Recipe) -> None:
         """Reject recipes CAE v2 cannot run, naming the key."""
-        cfg = recipe.method_cfg or cls.Config()
+        cfg = cls.config_of(recipe)
         if recipe.mask.kind == "none":
             raise RecipeError(
                 ".mask.kind: CAE v2 encodes visible patches of a masked image; 'none' masks nothing"
@@ -146,8 +146,7 @@ class CAEv2(Method):
                 f".cae_v2.regressor_dim: {width} must be a multiple of 4 and of "
                 f"cae_v2.regressor_heads={cfg.regressor_heads}"
             )
-        mto = recipe.extras.get("mto")
-        if getattr(mto, "enabled", False) and "masked" not in cfg.supervise:
+        if recipe.mto.enabled and "masked" not in cfg.supervise:
             raise RecipeError(".cae_v2.supervise: MTO attaches to the regressor, which needs 'masked'")
 
     def forward(self, batch: dict[str, Any], mask: torch.Tensor, targets: Any = None) -> MethodOutput:
@@ -193,7 +192,7 @@ class CAEv2(Method):
             n = rows[g][0].shape[1]
             metrics[f"loss_{g}"] = per_row[:, start : start + n].mean().detach()
             start += n
-        return MethodOutput(loss, metrics, aux)
+        return self.finish(MethodOutput(loss, metrics, aux))
 
     @staticmethod
     def _raster(z_v: torch.Tensor, q: torch.Tensor, ids_v: torch.Tensor, ids_m: torch.Tensor) -> torch.Tensor:

@@ -97,10 +97,11 @@ class Finetune(Method):
 
     # The data pipeline still draws masks unless mask.kind is none; fine-tuning ignores them.
     feeds_mask_tokens: ClassVar[bool] = False
+    can_predict: ClassVar[bool] = True
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
-        cfg: Finetune.Config = recipe.method_cfg or Finetune.Config()
+        cfg: Finetune.Config = Finetune.config_of(recipe)
         self.cfg = cfg
         self.linprobe = cfg.mode == "linprobe"
         self.encoder = ViTEncoder(recipe.model)
@@ -124,7 +125,7 @@ class Finetune(Method):
     @classmethod
     def check_recipe(cls, recipe: Recipe) -> None:
         """Reject fine-tune recipes that cannot run, naming the key."""
-        cfg = recipe.method_cfg or cls.Config()
+        cfg = cls.config_of(recipe)
         if cfg.num_classes < 2:
             raise RecipeError(f".finetune.num_classes: expected >= 2, got {cfg.num_classes}")
         if cfg.mode == "linprobe" and (cfg.mixup > 0 or cfg.cutmix > 0 or cfg.randaug or cfg.reprob > 0):
@@ -180,7 +181,7 @@ class Finetune(Method):
             per_sample = F.cross_entropy(self.logits(images).float(), y, reduction="none",
                                          label_smoothing=smoothing)  # fmt: skip
         loss = (per_sample * keep).sum() / keep.sum().clamp_min(1.0)
-        return MethodOutput(loss, {"loss_ce": loss.detach(), "labeled": keep.mean().detach()})
+        return self.finish(MethodOutput(loss, {"loss_ce": loss.detach(), "labeled": keep.mean().detach()}))
 
     def _augment(self, batch: dict[str, Any]) -> torch.Tensor:
         """RandAugment on the uint8 view (timm, PIL), normalise, then RandomErasing (timm)."""

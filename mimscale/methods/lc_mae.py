@@ -109,7 +109,7 @@ class LCMAE(Method):
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
-        cfg: LCMAE.Config = recipe.method_cfg or LCMAE.Config()
+        cfg: LCMAE.Config = LCMAE.config_of(recipe)
         self.cfg = cfg
         self.encoder = ViTEncoder(recipe.model)
         self.mask_ratio = recipe.mask.ratio  # for the FLOP counts only
@@ -168,7 +168,7 @@ class LCMAE(Method):
             raise RecipeError(".mask.ratio: the two disjoint visible sets need ratio >= 0.5")
         if recipe.model.rel_pos_bias != "none":
             raise RecipeError(".model.rel_pos_bias: LC-MAE encodes visible tokens only; use 'none'")
-        cfg = recipe.method_cfg or cls.Config()
+        cfg = cls.config_of(recipe)
         if cfg.decoder_dim % cfg.decoder_heads or cfg.decoder_dim % 4:
             raise RecipeError(".lc_mae.decoder_dim: must be a multiple of 4 and of lc_mae.decoder_heads")
         if not 0.0 <= cfg.momentum <= 1.0:
@@ -257,7 +257,7 @@ class LCMAE(Method):
         aux: dict[str, Any] = {}
         if self.return_stack_hidden:
             aux = {"stack_hidden": [h[:, 1:] for h in dec.hidden], "stack_mask": mask}
-        return MethodOutput(loss, metrics, aux)
+        return self.finish(MethodOutput(loss, metrics, aux))
 
 
 def _maybe_sync_bn(method: LCMAE, wanted: bool) -> bool:

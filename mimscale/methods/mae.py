@@ -95,7 +95,7 @@ class MAE(Method):
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
-        cfg: MAE.Config = recipe.method_cfg or MAE.Config()
+        cfg: MAE.Config = MAE.config_of(recipe)
         self.cfg = cfg
         self.encoder = ViTEncoder(recipe.model)
         self.mask_ratio = recipe.mask.ratio  # for flops_per_image only
@@ -124,7 +124,7 @@ class MAE(Method):
             raise RecipeError(".mask.kind: MAE reconstructs masked patches; 'none' masks nothing")
         if recipe.model.rel_pos_bias != "none":
             raise RecipeError(".model.rel_pos_bias: MAE encodes visible tokens only; use 'none'")
-        cfg = recipe.method_cfg or cls.Config()
+        cfg = cls.config_of(recipe)
         if cfg.decoder_dim % cfg.decoder_heads or cfg.decoder_dim % 4:
             raise RecipeError(
                 f".mae.decoder_dim: {cfg.decoder_dim} must be a multiple of 4 and of "
@@ -151,4 +151,4 @@ class MAE(Method):
         aux: dict[str, Any] = {}
         if self.return_stack_hidden:
             aux = {"stack_hidden": [h[:, 1:] for h in dec.hidden], "stack_mask": mask}
-        return MethodOutput(loss, {"loss_pix": loss.detach()}, aux)
+        return self.finish(MethodOutput(loss, {"loss_pix": loss.detach()}, aux))

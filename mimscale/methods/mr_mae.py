@@ -130,29 +130,28 @@ class MRMAE(Method):
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
-        from mimscale.teachers import TeacherConfig, teacher_out_dim
+        from mimscale.teachers import teacher_out_dim
 
-        cfg: MRMAE.Config = recipe.method_cfg or MRMAE.Config()
+        cfg: MRMAE.Config = MRMAE.config_of(recipe)
         self.cfg = cfg
         self.encoder = ViTEncoder(recipe.model)
         d, p = self.encoder.embed_dim, self.encoder.patch_size
         self.decoder = MAEDecoder(
             d, self.encoder.grid, p * p * 3, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads
         )
-        self.mimic_head = nn.Linear(d, teacher_out_dim(recipe.extras.get("teacher") or TeacherConfig()))
+        self.mimic_head = nn.Linear(d, teacher_out_dim(recipe.teacher))
         mae_init_(self.mimic_head)
         self.fusion_layers = fusion_layers(cfg, self.encoder.depth) if cfg.fusion else []
 
     @classmethod
     def check_recipe(cls, recipe: Recipe) -> None:
         """Reject recipes MR-MAE cannot run, naming the key."""
-        cfg = recipe.method_cfg or cls.Config()
+        cfg = cls.config_of(recipe)
         if recipe.mask.kind == "none":
             raise RecipeError(".mask.kind: MR-MAE reconstructs masked patches; 'none' masks nothing")
         if recipe.model.rel_pos_bias != "none":
             raise RecipeError(".model.rel_pos_bias: MR-MAE encodes visible tokens only; use 'none'")
-        teacher = recipe.extras.get("teacher")
-        if cfg.focused != "none" and not getattr(teacher, "cls_attn", False):
+        if cfg.focused != "none" and not recipe.teacher.cls_attn:
             raise RecipeError(
                 f".teacher.cls_attn: mr_mae.focused={cfg.focused!r} needs the teacher's last-block [CLS] "
                 "attention; set teacher.cls_attn: true (or mr_mae.focused: none)"
@@ -216,7 +215,7 @@ class MRMAE(Method):
         aux: dict[str, Any] = {}
         if self.return_stack_hidden:
             aux = {"stack_hidden": [h[:, 1:] for h in dec.hidden], "stack_mask": mask}
-        return MethodOutput(loss, metrics, aux)
+        return self.finish(MethodOutput(loss, metrics, aux))
 
 
 def fusion_layers(cfg: MRMAE.Config, depth: int) -> list[int]:

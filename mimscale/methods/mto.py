@@ -18,56 +18,33 @@ recipe's ``mto.enabled`` is true. Every §5.8 ambiguity is a key of :class:`MTOC
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimscale.config import RecipeError
+from mimscale.config import MTOConfig, RecipeError
 
 if TYPE_CHECKING:
     from mimscale.config import Recipe
     from mimscale.methods.base import Method, MethodOutput
 
 
-@dataclass
-class MTOConfig:
-    """The ``mto:`` recipe section; defaults are METHODS.md §5.8's chosen defaults."""
-
-    enabled: bool = False
-    # §5.8 #1: "intent" = softplus(H^l - H^{l-1}) (heterogeneity falls with depth, as the text
-    # says); "paper_literal" = softplus(H^{l-1} - H^l), Eq. 5 as printed.
-    rank_sign: Literal["intent", "paper_literal"] = "intent"
-    # §5.8 #2: Eq. 3 sums over visible rows ("sum"); "mean" divides by |V|.
-    spa_reduction: Literal["mean", "sum"] = "mean"
-    # §5.8 #3: affinity logits are scale * X X^T; 1.0 is paper-literal, "inv_sqrt_d" = 1/sqrt(D).
-    logit_scale: float | Literal["inv_sqrt_d"] = 1.0
-    eps: float = 1.0e-6  # §5.8 #4: epsilon of L_e = 1 / (H^0 + eps)
-    lambda_spa: float = 1.0  # §5.8 #5: the paper sums the terms unweighted
-    lambda_e: float = 1.0
-    lambda_r: float = 1.0
-    # §5.8 #7: per-layer features are the block outputs (residual stream) before the final norm.
-    # The only supported value; the key records the choice in every resolved recipe.
-    feature_point: Literal["block_output"] = "block_output"
-    spa_exclude_diag: bool = False  # §5.8 #8: Eq. 3 keeps the self-affinity P_ii
-
-    def check(self, recipe: Recipe) -> None:
-        """Recipe validation: MTO needs a host that feeds mask tokens through a stack (§5.1)."""
-        if not self.enabled:
-            return
-        from mimscale.methods import METHODS
-
-        if not METHODS[recipe.method].feeds_mask_tokens:
-            raise RecipeError(
-                f".mto.enabled: method {recipe.method} feeds no mask tokens through a transformer "
-                "stack, so MTO has nothing to attach to (hosts: mae, simmim, lc_mae, ...)"
-            )
-        if isinstance(self.logit_scale, float) and self.logit_scale <= 0:
-            raise RecipeError(f".mto.logit_scale: must be > 0, got {self.logit_scale}")
-        if self.eps <= 0:
-            raise RecipeError(f".mto.eps: must be > 0, got {self.eps}")
+def check_recipe(recipe: Recipe, method_cls: type[Method]) -> None:
+    """Recipe validation: MTO needs a host that feeds mask tokens through a stack (§5.1)."""
+    cfg = recipe.mto
+    if not cfg.enabled:
+        return
+    if not method_cls.feeds_mask_tokens:
+        raise RecipeError(
+            f".mto.enabled: method {recipe.method} feeds no mask tokens through a transformer "
+            "stack, so MTO has nothing to attach to (hosts: mae, simmim, lc_mae, ...)"
+        )
+    if isinstance(cfg.logit_scale, float) and cfg.logit_scale <= 0:
+        raise RecipeError(f".mto.logit_scale: must be > 0, got {cfg.logit_scale}")
+    if cfg.eps <= 0:
+        raise RecipeError(f".mto.eps: must be > 0, got {cfg.eps}")
 
 
 def _logits(x: torch.Tensor, scale: float | str) -> torch.Tensor:
@@ -199,18 +176,29 @@ class MTOLoss(nn.Module):
         return loss, metrics
 
 
-def _add_mto(module: Method, args: Any, out: MethodOutput) -> MethodOutput:
-    """Forward hook: host output -> output with the MTO terms added (and the states dropped)."""
-    aux = dict(out.aux)
-    hidden, mask = aux.pop("stack_hidden", None), aux.pop("stack_mask", None)
-    if hidden is None or mask is None:
-        raise RuntimeError(
-            f"{type(module).__name__} has feeds_mask_tokens but returned no aux['stack_hidden'] / "
-            "aux['stack_mask'] with return_stack_hidden set"
-        )
-    extra, metrics = module.mto(hidden, mask)
-    # The states are dropped from aux so nothing keeps them alive past the backward pass.
-    return out._replace(loss=out.loss + extra, metrics={**out.metrics, **metrics}, aux=aux)
+class MTOPlugin(nn.Module):
+    """The declared plug-in: adds the MTO terms to the host's output (run by ``Method.finish``).
+
+    Args:
+        cfg: the recipe's ``mto`` section.
+    """
+
+    def __init__(self, cfg: MTOConfig) -> None:
+        super().__init__()
+        self.loss = MTOLoss(cfg)
+
+    def forward(self, out: MethodOutput) -> MethodOutput:
+        """Host output -> output with the MTO terms added (and the stack's states dropped)."""
+        aux = dict(out.aux)
+        hidden, mask = aux.pop("stack_hidden", None), aux.pop("stack_mask", None)
+        if hidden is None or mask is None:
+            raise RuntimeError(
+                "MTO: the host has feeds_mask_tokens but returned no aux['stack_hidden'] / "
+                "aux['stack_mask'] with return_stack_hidden set"
+            )
+        extra, metrics = self.loss(hidden, mask)
+        # The states are dropped from aux so nothing keeps them alive past the backward pass.
+        return out._replace(loss=out.loss + extra, metrics={**out.metrics, **metrics}, aux=aux)
 
 
 def attach(method: Method, cfg: MTOConfig) -> Method:
@@ -218,8 +206,8 @@ def attach(method: Method, cfg: MTOConfig) -> Method:
 
     The method keeps its class, parameter names (an MAE+MTO checkpoint loads into plain MAE),
     ``encoder``, ``group_matcher``, ``set_grad_checkpointing`` and ``after_step``: MTO adds no
-    parameters. It sets ``return_stack_hidden``, registers :class:`MTOLoss` as ``method.mto``
-    and a forward hook that adds the MTO terms to ``MethodOutput.loss``.
+    parameters. It sets ``return_stack_hidden`` and adds :class:`MTOPlugin` to
+    ``method.plugins["mto"]``, which the method's ``finish`` runs on every output.
 
     Args:
         method: a method whose class has ``feeds_mask_tokens``.
@@ -231,6 +219,5 @@ def attach(method: Method, cfg: MTOConfig) -> Method:
     if not type(method).feeds_mask_tokens:
         raise ValueError(f"MTO: {type(method).__name__} feeds no mask tokens through a transformer stack")
     method.return_stack_hidden = True
-    method.mto = MTOLoss(cfg)
-    method.register_forward_hook(_add_mto)
+    method.plugins["mto"] = MTOPlugin(cfg)
     return method

@@ -103,4 +103,4 @@ class SimMIM(Method):
         aux: dict[str, Any] = {}
         if self.return_stack_hidden:
             aux = {"stack_hidden": [s[:, 1:] for s in enc.hidden], "stack_mask": mask}
-        return MethodOutput(loss, {"loss_pix": loss.detach()}, aux)
+        return self.finish(MethodOutput(loss, {"loss_pix": loss.detach()}, aux))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mimscale.config import derive, recipe_from_dict
+from mimscale.config import derive
 from mimscale.engine.checkpoint import POINTER, _prune, _write_pointer, read_pointer
 from mimscale.engine.optim import lr_factor
+from mimscale.registry import recipe_from_dict
 
 
 def make_tags(d: Path, steps: list[int]) -> None:

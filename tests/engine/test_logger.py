@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mimscale.config import recipe_from_dict
 from mimscale.engine.logger import MetricLogger, format_eta
+from mimscale.registry import recipe_from_dict
 
 
 def test_jsonl_console_and_meta(tmp_path: Path, capsys) -> None:

@@ -90,8 +90,8 @@ def test_rauc_reads_eval_curves_from_metrics(tmp_path: Path) -> None:
 
 
 def test_run_diagnostics_on_digits_writes_json_and_png(digits, tmp_path: Path) -> None:
-    from mimscale.config import load_recipe
     from mimscale.methods import build_method
+    from mimscale.registry import load_recipe
 
     r = load_recipe(REPO / "recipes/mae/cpu_tiny.yaml", [f"data.val={digits['val']}", "data.num_workers=0"])
     torch.manual_seed(0)

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimscale.config import load_recipe, save_recipe
+from mimscale.config import save_recipe
 from mimscale.methods import build_method
+from mimscale.registry import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,7 +86,8 @@ def test_default_vit_b16_loads_with_the_plain_documented_call(tmp_path) -> None:
 
 
 def test_checkpoint_resolution_and_errors(tmp_path) -> None:
-    from mimscale.eval.ckpt import load_method, resolve_checkpoint
+    from mimscale.eval.ckpt import resolve_checkpoint
+    from mimscale.eval.runs import load_method
 
     run, method, _ = fake_stage0_checkpoint(tmp_path, "recipes/mae/cpu_tiny.yaml")
     want = (run / "checkpoints", "step00000007")

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from mimscale.bench import synthetic_batch
-from mimscale.config import RecipeError, derive, load_recipe
+from mimscale.config import RecipeError, derive
 from mimscale.engine.loop import prepare_batch
 from mimscale.engine.optim import build_optimizer
 from mimscale.methods import build_method
+from mimscale.registry import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "recipes/finetune/cpu_tiny.yaml"

@@ -45,8 +45,8 @@ def test_two_rank_zero3_finetune_eval_export(digits, tmp_path) -> None:
     assert res["top1"] == pytest.approx(last["eval/top1"], abs=1e-4)
     assert json.loads((tmp_path / "ev/eval.json").read_text())["top1"] == res["top1"]
 
-    from mimscale.eval.ckpt import load_method
     from mimscale.eval.export import export_encoder, load_exported
+    from mimscale.eval.runs import load_method
 
     export_encoder(run, tmp_path / "ft.safetensors")
     method, r = load_method(run)

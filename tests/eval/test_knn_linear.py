@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimscale.config import load_recipe
 from mimscale.eval.hooks import EvalConfig, _loader, evaluate
 from mimscale.eval.knn import knn_accuracy, knn_predict
 from mimscale.eval.linear import LinearProbeHead, fit_linear_probe, linear_probe_accuracy
+from mimscale.registry import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from tiny_methods import tiny_method
 
 from mimscale.bench import synthetic_batch
-from mimscale.config import RecipeError, load_recipe
+from mimscale.config import RecipeError
 from mimscale.engine.loop import build_target_provider, prepare_batch
 from mimscale.methods.cae_v2 import feature_loss
 from mimscale.models.pos_embed import cae_sincos_pos_embed
 from mimscale.models.regressor import RegressorBlock
+from mimscale.registry import load_recipe
 from mimscale.teachers import TeacherTargets
 
 REPO = Path(__file__).resolve().parents[2]
@@ -200,4 +201,4 @@ def test_size_recipes_follow_section_2_7(name: str) -> None:
     c = plus.method_cfg
     assert (plus.mask.num_masked, c.regressor_dim, c.regressor_depth) == expected
     assert plus.optim.lr == 1.5e-3 and plus.optim.clip_grad == 3.0 and plus.mask.kind == "block"
-    assert plus.extras["teacher"].model == "ViT-B-16" and plus.extras["teacher"].proj
+    assert plus.teacher.model == "ViT-B-16" and plus.teacher.proj

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from mimscale.bench import synthetic_batch
-from mimscale.config import RecipeError, load_recipe
+from mimscale.config import RecipeError
 from mimscale.engine.loop import prepare_batch, seed_everything
 from mimscale.methods import METHODS, build_method
 from mimscale.methods.lc_mae import LCMAE, disjoint_mask, guidance_loss
 from mimscale.methods.mae import patchify, pixel_mse_loss
 from mimscale.models.ema import MomentumCopy, cosine_momentum
+from mimscale.registry import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "recipes/lc_mae/cpu_tiny.yaml"

@@ -130,13 +130,14 @@ def test_unequal_masked_counts_error():
 
 def test_check_recipe_names_the_key():
     with pytest.raises(RecipeError, match=r"\.mask\.kind"):
-        MAE.check_recipe(Recipe(mask=MaskConfig(kind="none")))
+        MAE.check_recipe(Recipe(mask=MaskConfig(kind="none"), method_cfg=MAE.Config()))
     with pytest.raises(RecipeError, match=r"\.model\.rel_pos_bias"):
-        MAE.check_recipe(Recipe(model=ModelConfig(arch="beit", rel_pos_bias="shared")))
+        beit = ModelConfig(arch="beit", rel_pos_bias="shared")
+        MAE.check_recipe(Recipe(model=beit, method_cfg=MAE.Config()))
     bad = Recipe(method_cfg=MAE.Config(decoder_dim=30, decoder_heads=4))
     with pytest.raises(RecipeError, match=r"\.mae\.decoder_dim"):
         MAE.check_recipe(bad)
-    MAE.check_recipe(Recipe())
+    MAE.check_recipe(Recipe(method_cfg=MAE.Config()))
 
 
 def test_group_matcher_and_checkpointing_on_method():

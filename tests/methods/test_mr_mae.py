@@ -11,11 +11,12 @@ import torch
 from tiny_methods import tiny_method
 
 from mimscale.bench import synthetic_batch
-from mimscale.config import RecipeError, load_recipe
+from mimscale.config import RecipeError
 from mimscale.engine.loop import build_target_provider, prepare_batch
 from mimscale.masking import build_mask_generator
 from mimscale.methods.mae import patchify, pixel_mse_loss
 from mimscale.methods.mr_mae import focused_mask, fusion_layers, mimic_loss
+from mimscale.registry import load_recipe
 from mimscale.teachers import TeacherTargets
 
 REPO = Path(__file__).resolve().parents[2]
@@ -146,6 +147,6 @@ def test_recipe_checks_name_the_key() -> None:
 def test_size_recipes(name: str) -> None:
     r = load_recipe(REPO / f"recipes/mr_mae/vit_{name}.yaml")
     assert r.mask.ratio == 0.75 and r.optim.blr == 1.5e-4 and r.train.global_batch == 1024
-    t = r.extras["teacher"]
+    t = r.teacher
     assert not t.proj and t.cls_attn and r.method_cfg.focused == "sample" and r.method_cfg.fusion
     assert t.kind == ("timm" if name == "b16_dino" else "open_clip")

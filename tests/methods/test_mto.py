@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mimscale.bench import synthetic_batch
-from mimscale.config import RecipeError, load_recipe
+from mimscale.config import RecipeError
 from mimscale.engine.loop import prepare_batch, seed_everything
 from mimscale.methods import METHODS, Method, build_method
 from mimscale.methods.mto import (
@@ -22,6 +22,7 @@ from mimscale.methods.mto import (
     ranking_loss,
     sparsity_loss,
 )
+from mimscale.registry import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_BATCH = ["train.micro_batch=4", "train.global_batch=4"]
@@ -191,7 +192,7 @@ def test_rank_sign_flips_the_ranking_gradient() -> None:
 
 def test_attach_adds_the_terms_and_keeps_the_host() -> None:
     r, host, batch = tiny_host("mae")
-    r.extras["mto"] = MTOConfig(enabled=True, logit_scale="inv_sqrt_d")
+    r.mto = MTOConfig(enabled=True, logit_scale="inv_sqrt_d")
     seed_everything(0)
     with_mto = build_method(r)
     assert type(with_mto) is type(host)
@@ -201,7 +202,7 @@ def test_attach_adds_the_terms_and_keeps_the_host() -> None:
     out = with_mto(batch, batch["mask"])
     host.return_stack_hidden = True
     ref = host(batch, batch["mask"])
-    extra, _ = MTOLoss(r.extras["mto"])(ref.aux["stack_hidden"], ref.aux["stack_mask"])
+    extra, _ = MTOLoss(r.mto)(ref.aux["stack_hidden"], ref.aux["stack_mask"])
     assert out.loss.item() == pytest.approx((ref.loss + extra).item(), rel=1e-6)
     assert "stack_hidden" not in out.aux  # dropped so nothing holds them after backward
     depth = r.method_cfg.decoder_depth
@@ -229,7 +230,7 @@ def test_mto_on_a_method_without_mask_tokens_is_a_recipe_error(monkeypatch, tmp_
 def test_mto_recipe_keys() -> None:
     path = REPO / "recipes/mto/mae_cpu_tiny.yaml"
     r = load_recipe(path, ["mto.logit_scale=inv_sqrt_d", "mto.rank_sign=paper_literal"])
-    assert r.extras["mto"].logit_scale == "inv_sqrt_d" and r.extras["mto"].rank_sign == "paper_literal"
+    assert r.mto.logit_scale == "inv_sqrt_d" and r.mto.rank_sign == "paper_literal"
     with pytest.raises(RecipeError, match=r"mto\.rank_sign: expected one of"):
         load_recipe(path, ["mto.rank_sign=down"])
     with pytest.raises(RecipeError, match=r"mto\.logit_scale: must be > 0"):

@@ -14,8 +14,8 @@ import pytest
 import torch
 from launch import REPO, free_port, run_cmd
 
-from mimscale.config import load_recipe
 from mimscale.methods import build_method
+from mimscale.registry import load_recipe
 
 STEPS = 6
 

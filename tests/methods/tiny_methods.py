@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mimscale.config import Recipe, load_recipe
+from mimscale.config import Recipe
 from mimscale.engine.loop import seed_everything
 from mimscale.methods import Method, build_method
+from mimscale.registry import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 

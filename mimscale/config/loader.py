@@ -1,0 +1,211 @@
+"""Recipe files: YAML with ``_base_`` inheritance, ``a.b=c`` overrides, then typed validation.
+
+The loader knows no method: the table of method sections (``{name: Config dataclass}``) is an
+argument, bound by :mod:`mimscale.registry`, which also runs the method and plug-in checks.
+Validation happens before any process is spawned: every error is one :class:`RecipeError`
+line naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mimscale.config.schema import Recipe, recipe_keys
+from mimscale.config.typed import RecipeError, build, build_section, unknown_key
+
+MAX_BASE_DEPTH = 2
+
+
+def _deep_merge(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in delta.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _parse_file(path: Path, referrer: Path | None) -> dict[str, Any]:
+    """One YAML file as a mapping; every failure names the file (and who referred to it)."""
+    if not path.is_file():
+        by = f" (the _base_ of {referrer})" if referrer is not None else ""
+        raise RecipeError(f"{path}: recipe file not found{by}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text file (a recipe is UTF-8 YAML)") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: invalid YAML: {e}") from e
+    if data is None:
+        raise RecipeError(f"{path}: the recipe file is empty")
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping at the top level")
+    return data
+
+
+def read_yaml(path: Path, depth: int = 0, referrer: Path | None = None) -> dict[str, Any]:
+    """A recipe file merged over its ``_base_`` chain (at most :data:`MAX_BASE_DEPTH` levels)."""
+    data = _parse_file(path, referrer)
+    bases = data.pop("_base_", None)
+    if bases is None:
+        return data
+    if depth >= MAX_BASE_DEPTH:
+        raise RecipeError(f"{path}: _base_ nested deeper than {MAX_BASE_DEPTH} levels")
+    merged: dict[str, Any] = {}
+    for b in [bases] if isinstance(bases, str) else bases:
+        merged = _deep_merge(merged, read_yaml((path.parent / b).resolve(), depth + 1, path))
+    return _deep_merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=c`` -> (["a", "b"], yaml-parsed c)."""
+    if "=" not in text:
+        raise RecipeError(f"override {text!r}: expected key.sub=value")
+    key, _, value = text.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise RecipeError(f"override {text!r}: empty key component")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"override {text!r}: cannot parse value: {e}") from e
+    return parts, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``raw`` with every ``a.b=c`` override applied in order."""
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for p in parts[:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise RecipeError(f"override {text!r}: {p} is not a section")
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def recipe_from_dict(
+    raw: dict[str, Any], method_configs: Mapping[str, type], source: str = "<dict>"
+) -> Recipe:
+    """Validate a merged raw mapping into a :class:`Recipe` (errors name ``source``).
+
+    Args:
+        raw: the merged YAML mapping (after ``_base_`` and overrides).
+        method_configs: method name -> the dataclass of its own section.
+        source: the file name errors are reported against.
+
+    Returns:
+        The recipe with ``method_cfg`` filled; only the schema-level checks have run.
+    """
+    raw = copy.deepcopy(raw)
+    method = raw.pop("method", "mae")
+    if method not in method_configs:
+        raise RecipeError(f"{source}: method: unknown method {method!r} (known: {', '.join(method_configs)})")
+    method_raw = raw.pop(method, None)
+    stray = [k for k in raw if k in method_configs]
+    if stray:
+        raise RecipeError(f"{source}: {stray[0]}: section for method {stray[0]!r} but method is {method!r}")
+    try:
+        known = [*recipe_keys(), method]
+        for key in raw:
+            if key not in known:
+                raise unknown_key("", str(key), known)
+        recipe: Recipe = build(Recipe, {"method": method, **raw}, "")
+        recipe.method_cfg = build_section(method_configs[method], method_raw, f".{method}")
+        recipe.source = source
+        validate(recipe)
+    except RecipeError as e:
+        raise RecipeError(f"{source}: {str(e).lstrip('.')}") from None
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None, method_configs: Mapping[str, type]) -> Recipe:
+    """Load a recipe file with its ``_base_`` chain and dotted overrides, then validate the schema.
+
+    Most callers want :func:`mimscale.registry.load_recipe`, which binds ``method_configs`` and
+    runs the method's and the plug-ins' checks.
+    """
+    path = Path(path)
+    raw = read_yaml(path.resolve())
+    raw = apply_overrides(raw, overrides or [])
+    return recipe_from_dict(raw, method_configs, str(path))
+
+
+def _check_positive(r: Recipe) -> None:
+    """Counts and sizes that must be > 0 (or >= 0), each named by its key."""
+    t, o = r.train, r.optim
+    for key, value in (
+        ("train.global_batch", t.global_batch),
+        ("train.micro_batch", t.micro_batch),
+        ("train.ckpt_every", t.ckpt_every),
+        ("train.log_every", t.log_every),
+        ("train.epochs", t.epochs),
+        ("model.patch_size", r.model.patch_size),
+        ("model.img_size", r.model.img_size),
+    ):
+        if value <= 0:
+            raise RecipeError(f".{key}: must be > 0, got {value}")
+    for key, opt in (("optim.lr", o.lr), ("optim.blr", o.blr)):
+        if opt is not None and opt <= 0:
+            raise RecipeError(f".{key}: must be > 0, got {opt}")
+    for key, value in (
+        ("optim.weight_decay", o.weight_decay),
+        ("optim.warmup_epochs", o.warmup_epochs),
+        ("optim.min_lr", o.min_lr),
+        ("train.keep_last", t.keep_last),
+        ("data.num_workers", r.data.num_workers),
+    ):
+        if value < 0:
+            raise RecipeError(f".{key}: must be >= 0, got {value}")
+    if t.max_steps is not None and t.max_steps <= 0:
+        raise RecipeError(f".train.max_steps: must be > 0 (or null), got {t.max_steps}")
+
+
+def validate(r: Recipe) -> None:
+    """Cross-field checks that a type alone cannot express (no method knowledge needed)."""
+    _check_positive(r)
+    o = r.optim
+    if (o.lr is None) == (o.blr is None):
+        raise RecipeError(".optim.lr: give exactly one of optim.lr (absolute) and optim.blr (base)")
+    if r.train.global_batch % r.train.micro_batch:
+        raise RecipeError(
+            f".train.global_batch: {r.train.global_batch} is not a multiple of "
+            f"train.micro_batch={r.train.micro_batch}"
+        )
+    if r.train.zero_stage not in (0, 1, 2, 3):
+        raise RecipeError(f".train.zero_stage: expected 0, 1, 2 or 3, got {r.train.zero_stage}")
+    if r.model.img_size % r.model.patch_size:
+        raise RecipeError(".model.img_size: not a multiple of model.patch_size")
+    if not 0.0 <= r.mask.ratio < 1.0:
+        raise RecipeError(f".mask.ratio: expected 0 <= ratio < 1, got {r.mask.ratio}")
+    if r.mask.repeats < 1:
+        raise RecipeError(".mask.repeats: must be >= 1")
+    if not r.data.views:
+        raise RecipeError(".data.views: at least one view is required")
+    if r.data.views[0].size != r.model.img_size:
+        raise RecipeError(
+            f".data.views[0].size: {r.data.views[0].size} differs from model.img_size={r.model.img_size}"
+        )
+    name = r.run.name
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise RecipeError(f".run.name: {name!r} must be a plain directory name (no path separators)")
+
+
+def check_world_size(r: Recipe, world_size: int) -> None:
+    """The global batch must split into micro-batches over ``world_size`` ranks (known before spawn)."""
+    per_step = r.train.micro_batch * world_size
+    if r.train.global_batch % per_step:
+        raise RecipeError(
+            f"{r.source}: train.global_batch={r.train.global_batch} is not divisible by "
+            f"train.micro_batch={r.train.micro_batch} x world_size={world_size}; change micro_batch"
+        )
