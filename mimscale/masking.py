@@ -23,7 +23,7 @@ __all__ = [
     "BlockMask",
     "MaskGenerator",
     "RandomMask",
-    "SimMIMMask",
+    "CoarseRandomMask",
     "build_mask_generator",
 ]
 
@@ -154,7 +154,7 @@ class BlockMask:
         )
 
 
-class SimMIMMask:
+class CoarseRandomMask:
     """SimMIM masking (METHODS.md §1.4): coarse mask patches upsampled to the token grid.
 
     ``ceil(ratio * M)`` of the ``M = (img_size / mask_patch_size) ** 2`` mask patches are chosen
@@ -171,7 +171,8 @@ class SimMIMMask:
     def __init__(self, img_size: int, patch_size: int, mask_patch_size: int = 32, ratio: float = 0.6) -> None:
         if img_size % mask_patch_size or mask_patch_size % patch_size:
             raise ValueError(
-                f"SimMIMMask: need img_size ({img_size}) % mask_patch_size ({mask_patch_size}) == 0 and "
+                f"CoarseRandomMask: need img_size ({img_size}) % mask_patch_size ({mask_patch_size}) == 0"
+                " and "
                 f"mask_patch_size % patch_size ({patch_size}) == 0"
             )
         self.coarse = img_size // mask_patch_size
@@ -188,7 +189,7 @@ class SimMIMMask:
         return grid.repeat(self.scale, axis=0).repeat(self.scale, axis=1).reshape(-1)
 
     def __repr__(self) -> str:
-        return f"SimMIMMask(coarse={self.coarse}, scale={self.scale}, num_masked={self.num_masked})"
+        return f"CoarseRandomMask(coarse={self.coarse}, scale={self.scale}, num_masked={self.num_masked})"
 
 
 def build_mask_generator(
@@ -214,6 +215,6 @@ def build_mask_generator(
     if cfg.kind == "block":
         num = cfg.num_masked if cfg.num_masked is not None else int(round(cfg.ratio * n))
         return BlockMask(grid, num, cfg.min_num_patches, cfg.max_num_patches, cfg.min_aspect, exact=True)
-    if cfg.kind == "simmim":
-        return SimMIMMask(img_size, patch_size, cfg.mask_patch_size, cfg.ratio)
+    if cfg.kind == "random_coarse":
+        return CoarseRandomMask(img_size, patch_size, cfg.mask_patch_size, cfg.ratio)
     raise ValueError(f"mask.kind: unknown kind {cfg.kind!r}")

@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 
 from mimscale.config import MaskConfig
-from mimscale.masking import BlockMask, RandomMask, SimMIMMask, build_mask_generator
+from mimscale.masking import BlockMask, CoarseRandomMask, RandomMask, build_mask_generator
 
 
 def _draw(gen, n: int, seed: int = 0) -> np.ndarray:
@@ -75,7 +75,7 @@ def test_block_mask_single_block_geometry() -> None:
 
 
 def test_simmim_mask_counts_and_structure() -> None:
-    gen = SimMIMMask(224, 16, mask_patch_size=32, ratio=0.6)
+    gen = CoarseRandomMask(224, 16, mask_patch_size=32, ratio=0.6)
     masks = _draw(gen, 50)
     assert (masks.sum(1) == 120).all()  # ceil(49 * 0.6) = 30 mask patches x 4 tokens
     grid = masks.reshape(-1, 7, 2, 7, 2)  # each 32-px mask patch covers a 2x2 token block
@@ -83,7 +83,7 @@ def test_simmim_mask_counts_and_structure() -> None:
 
 
 def test_masks_are_deterministic_given_the_rng() -> None:
-    for gen in (RandomMask((14, 14), 0.75), BlockMask((14, 14), 98), SimMIMMask(224, 16)):
+    for gen in (RandomMask((14, 14), 0.75), BlockMask((14, 14), 98), CoarseRandomMask(224, 16)):
         assert (_draw(gen, 5, seed=3) == _draw(gen, 5, seed=3)).all()
         assert (_draw(gen, 5, seed=3) != _draw(gen, 5, seed=4)).any()
 
@@ -96,5 +96,5 @@ def test_build_mask_generator() -> None:
     assert block.num_masked == 30
     rand = build_mask_generator(MaskConfig(kind="random", ratio=0.75), (14, 14), 224, 16)
     assert isinstance(rand, RandomMask) and rand.num_masked == 147
-    sim = build_mask_generator(MaskConfig(kind="simmim", ratio=0.6), (14, 14), 224, 16)
-    assert isinstance(sim, SimMIMMask) and sim.num_masked == 120
+    sim = build_mask_generator(MaskConfig(kind="random_coarse", ratio=0.6), (14, 14), 224, 16)
+    assert isinstance(sim, CoarseRandomMask) and sim.num_masked == 120

@@ -55,13 +55,15 @@ class DataConfig:
 class MaskConfig:
     """Masks are data: generated in collate, ``True = masked``."""
 
-    kind: Literal["random", "block", "simmim", "none"] = "random"
+    kind: Literal["random", "block", "random_coarse", "none"] = (
+        "random"  # random_coarse: on a mask_patch_size grid (SimMIM)
+    )
     ratio: float = 0.75
     num_masked: int | None = None  # block: exact masked count (default round(ratio * N))
     min_num_patches: int = 16  # block: minimum block area (BEiT / CAE pre-training args)
     max_num_patches: int | None = None
     min_aspect: float = 0.3
-    mask_patch_size: int = 32  # simmim: mask-patch size in pixels
+    mask_patch_size: int = 32  # random_coarse: mask-patch size in pixels
     repeats: int = 1  # amortised teacher: masks per view
 
 

@@ -5,7 +5,6 @@ Shared by the training loop and the benchmark so both measure the same engine.
 
 from __future__ import annotations
 
-import functools
 import random
 from typing import Any
 
@@ -13,10 +12,8 @@ import numpy as np
 import torch
 
 from mimscale.config import Derived, Recipe
+from mimscale.data.normalize import normalize_uint8
 from mimscale.engine.optim import build_optimizer, deepspeed_config, use_bf16
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def seed_everything(seed: int) -> None:
@@ -25,21 +22,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@functools.lru_cache(maxsize=8)
-def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std on the 0-255 scale, ``[1, 3, 1, 1]``, made once per device (not per batch)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-    return mean, std
-
-
 def prepare_batch(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """uint8 views -> device, ImageNet-normalised ``images`` in the engine's dtype."""
-    mean, std = _imagenet_stats(device)
     views = [v.to(device, non_blocking=True) for v in batch["views"]]
     out = dict(batch)
     out["views"] = views
-    out["images"] = [((v.float() - mean) / std).to(dtype) for v in views]
+    out["images"] = [normalize_uint8(v, dtype) for v in views]
     if "mask" in batch:
         out["mask"] = batch["mask"].to(device, non_blocking=True)
     if "labels" in batch:

@@ -13,18 +13,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from mimscale.data.normalize import normalize_uint8
+
 __all__ = ["Pool", "all_gather_rows", "encode", "extract_features", "normalize_uint8"]
 
 Pool = Literal["cls", "mean"]
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def normalize_uint8(views: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 ``[B, 3, H, W]`` -> ImageNet-normalised float (as the training engine does)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=views.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=views.device).view(1, 3, 1, 1) * 255
-    return ((views.float() - mean) / std).to(dtype)
 
 
 @torch.no_grad()

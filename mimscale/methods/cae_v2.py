@@ -23,6 +23,7 @@ from torch import nn
 
 from mimscale.config import RecipeError
 from mimscale.methods.base import Method, MethodOutput
+from mimscale.methods.common import gather_rows
 from mimscale.models.regressor import LatentRegressor
 from mimscale.models.vit import SIZES, ViTEncoder, visible_ids
 
@@ -55,11 +56,6 @@ def feature_loss(
     if kind == "mse":
         return ((pred - target) ** 2).mean(dim=-1)
     return F.smooth_l1_loss(pred, target, reduction="none", beta=1.0).mean(dim=-1)
-
-
-def gather_rows(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """``x[b, ids[b]]``: ``[B, N, C]``, long ``[B, n]`` -> ``[B, n, C]``."""
-    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 @torch.no_grad()

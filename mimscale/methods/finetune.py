@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimscale.config import RecipeError
-from mimscale.eval.features import IMAGENET_MEAN, normalize_uint8
+from mimscale.data.normalize import IMAGENET_MEAN, normalize_uint8
 from mimscale.eval.linear import LinearProbeHead
 from mimscale.methods.base import Method, MethodOutput
 from mimscale.models.vit import ViTEncoder

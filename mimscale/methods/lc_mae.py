@@ -21,7 +21,7 @@ from torch import nn
 
 from mimscale.config import RecipeError
 from mimscale.methods.base import Method, MethodOutput
-from mimscale.methods.mae import patchify, pixel_mse_loss
+from mimscale.methods.common import patchify, pixel_mse_loss
 from mimscale.models.decoders import MAEDecoder
 from mimscale.models.ema import MomentumCopy, average_buffers, cosine_momentum
 from mimscale.models.flops import block_flops
@@ -230,7 +230,7 @@ class LCMAE(Method):
             targets: unused (the momentum model makes its own).
 
         Returns:
-            ``MethodOutput(loss_pix + alpha * loss_gg, metrics, aux)``.
+            ``MethodOutput(loss_pix + alpha * loss_guidance, metrics, aux)``.
         """
         x1, x2 = batch["images"][0], batch["images"][1]
         b = x1.shape[0]
@@ -242,16 +242,16 @@ class LCMAE(Method):
             k = self.momentum_targets(torch.cat([x1, x2]))  # [2B, D]: k1, k2
             # The heads run per view, so BatchNorm sees each view's batch as in LUT.
             q1, q2 = self.online(lat1), self.online(lat2)
-            loss_gg = 0.5 * (guidance_loss(q1, k[b:]) + guidance_loss(q2, k[:b]))
+            loss_guidance = 0.5 * (guidance_loss(q1, k[b:]) + guidance_loss(q2, k[:b]))
         else:
             lat1 = self.encoder(x1, mask, mode="visible").x
-            loss_gg = guidance_loss(self.online(lat1), self.momentum_targets(x2))
+            loss_guidance = guidance_loss(self.online(lat1), self.momentum_targets(x2))
         dec = self.decoder(lat1, mask, return_hidden=self.return_stack_hidden)
         loss_pix = pixel_mse_loss(dec.pred, patchify(x1, self.encoder.patch_size), mask, self.cfg.norm_pix)
-        loss = loss_pix + self.cfg.alpha * loss_gg
+        loss = loss_pix + self.cfg.alpha * loss_guidance
         metrics = {
             "loss_pix": loss_pix.detach(),
-            "loss_gg": loss_gg.detach(),
+            "loss_guidance": loss_guidance.detach(),
             "momentum": torch.tensor(self.momentum_at(self.momentum_model.num_updates)),
         }
         aux: dict[str, Any] = {}

@@ -27,7 +27,7 @@ from torch import nn
 
 from mimscale.config import RecipeError
 from mimscale.methods.base import Method, MethodOutput
-from mimscale.methods.mae import patchify, pixel_mse_loss
+from mimscale.methods.common import gather_rows, patchify, pixel_mse_loss
 from mimscale.models.decoders import MAEDecoder
 from mimscale.models.vit import SIZES, ViTEncoder, mae_init_, visible_ids
 
@@ -35,11 +35,6 @@ if TYPE_CHECKING:
     from mimscale.config import Recipe
 
 Focused = Literal["none", "sample", "topk", "mimic_subset"]
-
-
-def gather_rows(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """``x[b, ids[b]]``: ``[B, N, C]``, long ``[B, n]`` -> ``[B, n, C]``."""
-    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def focused_mask(saliency: torch.Tensor, num_visible: int, mode: Literal["sample", "topk"]) -> torch.Tensor:

@@ -5,7 +5,8 @@ import torch
 
 from mimscale.config import MaskConfig, ModelConfig, Recipe, RecipeError
 from mimscale.methods import METHODS
-from mimscale.methods.mae import MAE, patchify, pixel_mse_loss, unpatchify
+from mimscale.methods.common import patchify, pixel_mse_loss, unpatchify
+from mimscale.methods.mae import MAE
 
 
 def tiny_mae(norm_pix: bool = True) -> MAE:

@@ -14,7 +14,7 @@ from mimscale.bench import synthetic_batch
 from mimscale.config import RecipeError
 from mimscale.engine.loop import build_target_provider, prepare_batch
 from mimscale.masking import build_mask_generator
-from mimscale.methods.mae import patchify, pixel_mse_loss
+from mimscale.methods.common import patchify, pixel_mse_loss
 from mimscale.methods.mr_mae import focused_mask, fusion_layers, mimic_loss
 from mimscale.registry import load_recipe
 from mimscale.teachers import TeacherTargets

@@ -96,4 +96,4 @@ def test_stack_hidden_are_encoder_layers_without_cls():
 def test_check_recipe_names_the_key():
     with pytest.raises(RecipeError, match=r"\.mask\.kind"):
         SimMIM.check_recipe(Recipe(method="simmim", mask=MaskConfig(kind="none")))
-    SimMIM.check_recipe(Recipe(method="simmim", mask=MaskConfig(kind="simmim", ratio=0.6)))
+    SimMIM.check_recipe(Recipe(method="simmim", mask=MaskConfig(kind="random_coarse", ratio=0.6)))
