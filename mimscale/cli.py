@@ -67,10 +67,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # `mimscale bench WHAT ...` -> module with main(argv) printing JSON. Explicit, imported lazily.
 BENCHES = {
-    "engine": "mimscale.bench",  # engine step vs bare step, images/s, MFU (GPU)
-    "data": "mimscale.data.bench",  # decode + augment images/s per worker
-    "teacher": "mimscale.bench_teacher",  # teacher share, amortised M = 1, 2, 4, offloaded teacher
-    "methods": "mimscale.bench_methods",  # LC-MAE vs MAE step, MTO overhead vs its host
+    "engine": "mimscale.bench.engine",  # engine step vs bare step, images/s, MFU (GPU)
+    "data": "mimscale.bench.data",  # decode + augment images/s per worker
+    "teacher": "mimscale.bench.teacher",  # teacher share, amortised M = 1, 2, 4, offloaded teacher
+    "methods": "mimscale.bench.methods",  # LC-MAE vs MAE step, MTO overhead vs its host
 }
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimscale.bench import synthetic_batch
 from mimscale.config import RecipeError, load_recipe
+from mimscale.data.synthetic import synthetic_batch
 from mimscale.engine.loop import prepare_batch, seed_everything
 from mimscale.methods import METHODS, build_method
 from mimscale.methods.lc_mae import LCMAE, disjoint_mask, guidance_loss
