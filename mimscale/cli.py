@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from mimscale.demo import run_demo
+    from mimscale.demo.run import run_demo
 
     return run_demo(method=args.method, out=Path(args.out), overrides=args.overrides)
 
@@ -91,7 +91,7 @@ def _delegate(module: str, argv: list[str]) -> int:
 # name -> (module with main(argv), help). Dispatched before argparse sees the flags.
 DELEGATED = {
     "prep-shards": ("mimscale.data.shards", "ImageFolder / folder / list -> WebDataset shards"),
-    "demo-data": ("mimscale.data.demo", "write the digits demo shards"),
+    "demo-data": ("mimscale.demo.data", "write the digits demo shards"),
     "eval": ("mimscale.eval.standalone", "kNN + linear probe (+ diagnostics) of a checkpoint"),
     "finetune": ("mimscale.eval.finetune", "fine-tune a pre-trained encoder (method: finetune recipe)"),
     "linprobe": ("mimscale.eval.linprobe", "linear probe (MAE LARS protocol) of a pre-trained encoder"),

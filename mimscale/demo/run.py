@@ -3,7 +3,7 @@
 Writes the digits shards (scikit-learn's 1,797 real 8x8 digit images, upscaled to 32 px),
 pre-trains the method's ``cpu_tiny`` recipe as one process with the evaluation hook on (kNN +
 linear probe on the held-out split), then compares the encoder with the same encoder at random
-initialisation (:mod:`mimscale.eval.demo_report`: a table, ``demo_results.json`` and
+initialisation (:mod:`mimscale.demo.report`: a table, ``demo_results.json`` and
 ``demo_curves.png`` in the run directory).
 """
 
@@ -27,14 +27,14 @@ DEMO_RECIPES = {
 def run_demo(method: str = "mae", out: Path = Path("runs/demo"), overrides: list[str] | None = None) -> int:
     """Run the demo; returns a process exit code."""
     from mimscale.cli import recipe_path
-    from mimscale.data.demo import write_digits_shards
+    from mimscale.demo.data import write_digits_shards
 
     if method not in DEMO_RECIPES:
         print(f"demo: no CPU demo for method {method!r} (have: {', '.join(DEMO_RECIPES)})")
         return 2
     t0 = time.perf_counter()
     paths = write_digits_shards(out / "data")
-    from mimscale.eval.demo_report import DEMO_EVAL, DEMO_OVERRIDES, eval_every
+    from mimscale.demo.report import DEMO_EVAL, DEMO_OVERRIDES, eval_every
 
     base = [
         f"data.train={paths['train']}",
@@ -53,7 +53,7 @@ def run_demo(method: str = "mae", out: Path = Path("runs/demo"), overrides: list
     seconds = time.perf_counter() - t0
     print(f"[mimscale demo] {method} finished in {seconds:.0f} s")
     print(f"[mimscale demo] run directory: {run_dir}  (recipe.yaml, metrics.jsonl, checkpoints/)")
-    from mimscale.eval.demo_report import report
+    from mimscale.demo.report import report
 
     report(recipe, run_dir, seconds)  # the same encoder at random init vs pre-trained; table + PNG
     return 0
