@@ -65,6 +65,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(method=args.method, out=Path(args.out), overrides=args.overrides)
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Train a ``method: finetune`` recipe as ``train`` does (``linprobe``: ``finetune.mode=linprobe``).
+
+    The classifier is an ordinary method (:class:`mimscale.methods.finetune.Finetune`) trained by the
+    same engine as pre-training; this only checks that the recipe is a fine-tuning one first. The
+    end-of-run top-1 on ``data.val`` is logged by the evaluation hook (``eval.top1``).
+    """
+    if args.mode is not None:
+        args.overrides = [f"finetune.mode={args.mode}", *args.overrides]
+    r = load_recipe(recipe_path(args.recipe), args.overrides)
+    if r.method != "finetune":
+        prog = f"mimscale {args.cmd}"
+        raise RecipeError(f"{args.recipe}: method: {prog} needs method 'finetune', got {r.method!r}")
+    return cmd_train(args)
+
+
 # `mimscale bench WHAT ...` -> module with main(argv) printing JSON. Explicit, imported lazily.
 BENCHES = {
     "engine": "mimscale.bench.engine",  # engine step vs bare step, images/s, MFU (GPU)
@@ -93,8 +109,6 @@ DELEGATED = {
     "prep-shards": ("mimscale.data.shards", "ImageFolder / folder / list -> WebDataset shards"),
     "demo-data": ("mimscale.demo.data", "write the digits demo shards"),
     "eval": ("mimscale.eval.standalone", "kNN + linear probe (+ diagnostics) of a checkpoint"),
-    "finetune": ("mimscale.eval.finetune", "fine-tune a pre-trained encoder (method: finetune recipe)"),
-    "linprobe": ("mimscale.eval.linprobe", "linear probe (MAE LARS protocol) of a pre-trained encoder"),
     "export": ("mimscale.eval.export", "checkpoint encoder -> timm-keyed .safetensors"),
     "diagnose": ("mimscale.eval.diagnostics", "attention distance, MTO heterogeneity, SV spectrum, RAUC"),
 }
@@ -121,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/demo")
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_demo)
+
+    for name, mode, help_ in (
+        ("finetune", None, "fine-tune a pre-trained encoder (method: finetune recipe)"),
+        ("linprobe", "linprobe", "linear probe (MAE LARS protocol) of a pre-trained encoder"),
+    ):
+        s = sub.add_parser(name, help=help_, description=f"{help_}; launched like `train`.")
+        s.add_argument("recipe")
+        s.add_argument("overrides", nargs="*", help="key.sub=value")
+        s.add_argument("--nproc", type=int, default=1)
+        s.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
+        s.set_defaults(fn=cmd_finetune, mode=mode)
 
     # `bench` hands its whole argv to the chosen benchmark (dispatched in main()).
     sub.add_parser("bench", help=f"JSON benchmarks: bench [{'|'.join(BENCHES)}] ... (default engine)")
