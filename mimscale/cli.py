@@ -13,20 +13,14 @@ import sys
 from pathlib import Path
 
 from mimscale.config import RecipeError
-from mimscale.registry import load_recipe
-
-REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-
-
-def recipe_path(name: str) -> Path:
-    """A recipe path as given, or relative to the repository's ``recipes/``."""
-    p = Path(name)
-    return p if p.exists() else REPO_RECIPES / name
+from mimscale.config.paths import recipe_path
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate a recipe (and print the resolved YAML) without starting anything."""
     import yaml
+
+    from mimscale.registry import load_recipe
 
     r = load_recipe(recipe_path(args.recipe), args.overrides)
     print(yaml.safe_dump(r.to_dict(), sort_keys=False))
@@ -36,6 +30,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Validate, then run in this process or spawn ``--nproc`` ranks through a launcher."""
     path = recipe_path(args.recipe)
+    from mimscale.registry import load_recipe
+
     load_recipe(path, args.overrides)  # fail on a typo before any process is spawned
     if args.nproc <= 1:
         from mimscale.train import main as train_main
@@ -61,17 +57,35 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from mimscale.demo import run_demo
+    from mimscale.demo.run import run_demo
 
     return run_demo(method=args.method, out=Path(args.out), overrides=args.overrides)
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Train a ``method: finetune`` recipe as ``train`` does (``linprobe``: ``finetune.mode=linprobe``).
+
+    The classifier is an ordinary method (:class:`mimscale.methods.finetune.Finetune`) trained by the
+    same engine as pre-training; this only checks that the recipe is a fine-tuning one first. The
+    end-of-run top-1 on ``data.val`` is logged by the evaluation hook (``eval.top1``).
+    """
+    if args.mode is not None:
+        args.overrides = [f"finetune.mode={args.mode}", *args.overrides]
+    from mimscale.registry import load_recipe
+
+    r = load_recipe(recipe_path(args.recipe), args.overrides)
+    if r.method != "finetune":
+        prog = f"mimscale {args.cmd}"
+        raise RecipeError(f"{args.recipe}: method: {prog} needs method 'finetune', got {r.method!r}")
+    return cmd_train(args)
+
+
 # `mimscale bench WHAT ...` -> module with main(argv) printing JSON. Explicit, imported lazily.
 BENCHES = {
-    "engine": "mimscale.bench",  # engine step vs bare step, images/s, MFU (GPU)
-    "data": "mimscale.data.bench",  # decode + augment images/s per worker
-    "teacher": "mimscale.bench_teacher",  # teacher share, amortised M = 1, 2, 4, offloaded teacher
-    "methods": "mimscale.bench_methods",  # LC-MAE vs MAE step, MTO overhead vs its host
+    "engine": "mimscale.bench.engine",  # engine step vs bare step, images/s, MFU (GPU)
+    "data": "mimscale.bench.data",  # decode + augment images/s per worker
+    "teacher": "mimscale.bench.teacher",  # teacher share, amortised M = 1, 2, 4, offloaded teacher
+    "methods": "mimscale.bench.methods",  # LC-MAE vs MAE step, MTO overhead vs its host
 }
 
 
@@ -92,10 +106,8 @@ def _delegate(module: str, argv: list[str]) -> int:
 # name -> (module with main(argv), help). Dispatched before argparse sees the flags.
 DELEGATED = {
     "prep-shards": ("mimscale.data.shards", "ImageFolder / folder / list -> WebDataset shards"),
-    "demo-data": ("mimscale.data.demo", "write the digits demo shards"),
+    "demo-data": ("mimscale.demo.data", "write the digits demo shards"),
     "eval": ("mimscale.eval.standalone", "kNN + linear probe (+ diagnostics) of a checkpoint"),
-    "finetune": ("mimscale.eval.finetune", "fine-tune a pre-trained encoder (method: finetune recipe)"),
-    "linprobe": ("mimscale.eval.linprobe", "linear probe (MAE LARS protocol) of a pre-trained encoder"),
     "export": ("mimscale.eval.export", "checkpoint encoder -> timm-keyed .safetensors"),
     "diagnose": ("mimscale.eval.diagnostics", "attention distance, MTO heterogeneity, SV spectrum, RAUC"),
 }
@@ -122,6 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/demo")
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_demo)
+
+    for name, mode, help_ in (
+        ("finetune", None, "fine-tune a pre-trained encoder (method: finetune recipe)"),
+        ("linprobe", "linprobe", "linear probe (MAE LARS protocol) of a pre-trained encoder"),
+    ):
+        s = sub.add_parser(name, help=help_, description=f"{help_}; launched like `train`.")
+        s.add_argument("recipe")
+        s.add_argument("overrides", nargs="*", help="key.sub=value")
+        s.add_argument("--nproc", type=int, default=1)
+        s.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
+        s.set_defaults(fn=cmd_finetune, mode=mode)
 
     # `bench` hands its whole argv to the chosen benchmark (dispatched in main()).
     sub.add_parser("bench", help=f"JSON benchmarks: bench [{'|'.join(BENCHES)}] ... (default engine)")

@@ -6,5 +6,7 @@ Import the submodules directly (kept import-light: nothing here imports webdatas
     from mimscale.data.shards import make_shards
     from mimscale.data.manifest import read_manifest, resolve_source
     from mimscale.data.transforms import replay_crop
-    from mimscale.data.demo import write_digits_shards
+    from mimscale.data.synthetic import synthetic_batch
+
+The digits demo shards: :func:`mimscale.demo.data.write_digits_shards`.
 """

@@ -5,8 +5,8 @@
 - :mod:`mimscale.eval.features` — feature extraction split across ranks, all-gathered.
 - :mod:`mimscale.eval.hooks` — the ``eval:`` recipe section and the training-loop hook.
 - :mod:`mimscale.eval.standalone` — ``mimscale eval CKPT --data ...``.
-- :mod:`mimscale.eval.finetune` — ``mimscale finetune`` / ``linprobe`` (method
-  :class:`mimscale.methods.finetune.Finetune`, trained by the same engine).
+- ``mimscale finetune`` / ``linprobe`` (:func:`mimscale.cli.cmd_finetune`): method
+  :class:`mimscale.methods.finetune.Finetune`, trained by the same engine.
 - :mod:`mimscale.eval.export` — ``mimscale export CKPT OUT.safetensors`` (timm keys).
 - :mod:`mimscale.eval.diagnostics`, :mod:`mimscale.eval.rauc` — ``mimscale diagnose``.
 - :mod:`mimscale.eval.ckpt` — read weights back from any ZeRO stage.

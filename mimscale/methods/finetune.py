@@ -13,7 +13,7 @@
   ``optim.optimizer: lars``.
 
 The end-of-run top-1 on ``data.val`` is the evaluation hook with ``eval.top1: true``, which
-calls :meth:`Finetune.predict`. ``mimscale finetune RECIPE`` (:mod:`mimscale.eval.finetune`)
+calls :meth:`Finetune.predict`. ``mimscale finetune RECIPE`` (:func:`mimscale.cli.cmd_finetune`)
 runs it (``--nproc`` ranks).
 """
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimscale.bench import synthetic_batch
 from mimscale.config import RecipeError, derive
+from mimscale.data.synthetic import synthetic_batch
 from mimscale.engine.loop import prepare_batch
 from mimscale.engine.optim import build_optimizer
 from mimscale.methods import build_method

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from tiny_methods import tiny_method
 
-from mimscale.bench import synthetic_batch
 from mimscale.config import RecipeError
+from mimscale.data.synthetic import synthetic_batch
 from mimscale.engine.loop import build_target_provider, prepare_batch
 from mimscale.methods.cae_v2 import feature_loss
 from mimscale.models.pos_embed import cae_sincos_pos_embed

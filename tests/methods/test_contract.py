@@ -12,7 +12,7 @@ import pytest
 import torch
 from tiny_methods import tiny_method
 
-from mimscale.bench import synthetic_batch
+from mimscale.data.synthetic import synthetic_batch
 from mimscale.engine.loop import build_target_provider, prepare_batch
 from mimscale.engine.optim import param_groups
 from mimscale.methods import METHODS

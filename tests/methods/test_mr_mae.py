@@ -10,8 +10,8 @@ import pytest
 import torch
 from tiny_methods import tiny_method
 
-from mimscale.bench import synthetic_batch
 from mimscale.config import RecipeError
+from mimscale.data.synthetic import synthetic_batch
 from mimscale.engine.loop import build_target_provider, prepare_batch
 from mimscale.masking import build_mask_generator
 from mimscale.methods.common import patchify, pixel_mse_loss

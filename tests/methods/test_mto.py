@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimscale.bench import synthetic_batch
 from mimscale.config import RecipeError
+from mimscale.data.synthetic import synthetic_batch
 from mimscale.engine.loop import prepare_batch, seed_everything
 from mimscale.methods import METHODS, Method, build_method
 from mimscale.methods.mto import (

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from mimscale.bench.common import emit, recipe_file, sync
+
 DEFAULT = ["model.size=small", "train.global_batch=16", "train.micro_batch=16", "train.zero_stage=1"]
 TINY = ["train.global_batch=8", "train.micro_batch=8"]
 
@@ -57,7 +59,7 @@ def run(recipes: dict[str, Any], steps: int, warmup: int) -> dict[str, Any]:
         steps: timed iterations (each runs every variant once).
         warmup: untimed iterations first.
     """
-    from mimscale.bench import synthetic_batch
+    from mimscale.data.synthetic import synthetic_batch
     from mimscale.engine.distributed import init_distributed
     from mimscale.engine.loop import train_step
     from mimscale.engine.optim import use_bf16
@@ -71,19 +73,14 @@ def run(recipes: dict[str, Any], steps: int, warmup: int) -> dict[str, Any]:
         steps_fn[name] = (engine, micro, dtype)
     for i in range(warmup + steps):
         for name, (engine, micro, dtype) in steps_fn.items():
-            _sync(dist.device)
+            sync(dist.device)
             t0 = time.perf_counter()
             train_step(engine, micro, dist.device, dtype)
             engine.module.after_step(i + 1)
-            _sync(dist.device)
+            sync(dist.device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return _report(recipes, steps_fn, times, dist)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _report(recipes, steps_fn, times: dict[str, list[float]], dist) -> dict[str, Any]:
@@ -102,12 +99,9 @@ def _report(recipes, steps_fn, times: dict[str, list[float]], dist) -> dict[str,
     for name, r in recipes.items():
         method = steps_fn[name][0].module
         row = {"step_s": med[name], "images_per_s": r.train.global_batch / med[name]}
-        train_flops = getattr(method, "train_flops_per_image", None)
-        fwd_flops = getattr(method, "flops_per_image", None)
-        if callable(train_flops):
-            row["train_flops_per_image"] = train_flops()
-        elif callable(fwd_flops):
-            row["train_flops_per_image"] = 3.0 * fwd_flops()
+        train_flops = method.train_flops_per_image()
+        if train_flops is not None:
+            row["train_flops_per_image"] = train_flops
         out["variants"][name] = row
     out["lc_mae_vs_mae"] = med["lc_mae"] / med["mae"]
     host = next(n[: -len("+mto")] for n in med if n.endswith("+mto"))
@@ -117,7 +111,6 @@ def _report(recipes, steps_fn, times: dict[str, list[float]], dist) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mimscale.cli import recipe_path
     from mimscale.registry import load_recipe
 
     p = argparse.ArgumentParser(prog="mimscale bench methods", description=__doc__)
@@ -130,9 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     common = [*(DEFAULT if a.base == "vit_b16" else TINY), *a.overrides]
     recipes = {
-        name: load_recipe(recipe_path(path), [*common, *extra])
+        name: load_recipe(recipe_file(path), [*common, *extra])
         for name, (path, extra) in variants(a.base, a.mto_host).items()
     }
-    from mimscale.bench import emit
-
     return emit(run(recipes, a.steps, a.warmup), a.out)

@@ -1,7 +1,9 @@
 """``mimscale bench``: engine step time vs the bare model step, images/s and (GPU) MFU, as JSON.
 
 Usage: ``mimscale bench [engine] [RECIPE] [key.sub=value ...] [--steps N] [--out FILE]``.
-The default recipe is MAE ViT-S/16 at 224 px. The engine step (batch preparation, DeepSpeed
+Without RECIPE: ``mae/vit_b16.yaml`` with the overrides in :data:`DEFAULT` (ViT-S/16 at 224 px,
+batch 8, ZeRO-1); a RECIPE given is benchmarked as written (plus its overrides). The JSON names the
+recipe and every override applied (``recipe``, ``overrides``). The engine step (batch preparation, DeepSpeed
 forward/backward/step, the non-finite check) and the bare step (the same method's forward,
 ``loss.backward()``, ``torch.optim.AdamW.step()``) run on two copies of one initialisation with
 the same synthetic batch, alternately in one process, so machine noise hits both alike.
@@ -11,48 +13,24 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from mimscale.bench.common import emit, recipe_args, sync
+
+DEFAULT_RECIPE = "mae/vit_b16.yaml"
+# Applied only when no recipe is given: a ViT-S step fits any GPU and runs on a CPU.
 DEFAULT = ["model.size=small", "train.global_batch=8", "train.micro_batch=8", "train.zero_stage=1"]
 
 
-def synthetic_batch(recipe, seed: int = 0) -> dict[str, Any]:
-    """Random uint8 views and a mask from the recipe's own mask generator."""
-    from mimscale.masking import build_mask_generator
-
-    b, s = recipe.train.micro_batch, recipe.model.img_size
-    g = torch.Generator().manual_seed(seed)
-    views = [
-        torch.randint(0, 256, (b, 3, v.size, v.size), dtype=torch.uint8, generator=g)
-        for v in recipe.data.views
-    ]
-    grid = (s // recipe.model.patch_size,) * 2
-    gen = build_mask_generator(recipe.mask, grid, s, recipe.model.patch_size)
-    rng = np.random.default_rng(seed)
-    batch: dict[str, Any] = {
-        "views": views,
-        "keys": [str(i) for i in range(b)],
-        "labels": torch.full((b,), -1, dtype=torch.long),
-    }
-    if gen is not None:
-        batch["mask"] = torch.from_numpy(np.stack([gen(rng) for _ in range(b)]))
-    return batch
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_bench(recipe, steps: int, warmup: int = 3) -> dict[str, Any]:
+    """Time the engine step and the bare step alternately; the JSON-able report (module docstring)."""
     from mimscale.config import derive
+    from mimscale.data.synthetic import synthetic_batch
     from mimscale.engine.distributed import init_distributed
     from mimscale.engine.loop import build_engine, prepare_batch, seed_everything, train_step
     from mimscale.engine.optim import build_optimizer, use_bf16
@@ -85,10 +63,10 @@ def run_bench(recipe, steps: int, warmup: int = 3) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     for i in range(warmup + steps):
         for name, fn in (("engine", engine_step), ("bare", bare_step)):
-            _sync(dist.device)
+            sync(dist.device)
             t0 = time.perf_counter()
             fn()
-            _sync(dist.device)
+            sync(dist.device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return _report(recipe, dist, method, times)
@@ -112,10 +90,8 @@ def _report(recipe, dist, method, times: dict[str, list[float]]) -> dict[str, An
         "images_per_s": gb / eng,
         "steps_measured": len(times["engine"]),
     }
-    flops = getattr(method, "flops_per_image", None)
-    train = getattr(method, "train_flops_per_image", None)  # methods with forward-only passes
-    if callable(flops) or callable(train):
-        train_flops = train() if callable(train) else 3.0 * flops()  # backward ~ 2x forward
+    train_flops = method.train_flops_per_image()
+    if train_flops is not None:
         out["train_flops_per_image"] = train_flops
         if dist.device.type == "cuda":
             peak = 989e12 if "H100" in torch.cuda.get_device_name() else float("nan")  # bf16 dense
@@ -126,36 +102,16 @@ def _report(recipe, dist, method, times: dict[str, list[float]]) -> dict[str, An
     return out
 
 
-def emit(result: dict[str, Any], out: str | None) -> int:
-    """Print the benchmark JSON (and write it to ``out``); the exit code of every bench."""
-    text = json.dumps(result, indent=2)
-    print(text)
-    if out:
-        Path(out).write_text(text + "\n")
-    return 0
-
-
-def recipe_args(prog: str, doc: str | None, default_recipe: str, steps: int, argv: list[str] | None):
-    """Parse ``[RECIPE] key.sub=value ... [--steps N] [--out FILE]`` shared by the benches.
-
-    Returns:
-        (recipe path, overrides, parsed namespace with ``steps`` and ``out``).
-    """
-    from mimscale.cli import recipe_path
-
-    p = argparse.ArgumentParser(prog=prog, description=doc)
-    p.add_argument("args", nargs="*", help="[RECIPE] key.sub=value ...")
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--out", default=None, help="also write the JSON here")
-    a = p.parse_args(argv)
-    args = list(a.args)
-    path = recipe_path(args.pop(0) if args and "=" not in args[0] else default_recipe)
-    return path, args, a
+def parse_args(argv: list[str] | None) -> tuple[Path, list[str], argparse.Namespace]:
+    """(recipe path, overrides, namespace): :data:`DEFAULT` comes first only when no recipe is given."""
+    path, args, a = recipe_args("mimscale bench", __doc__, DEFAULT_RECIPE, 10, argv)
+    return path, (args if a.recipe_given else [*DEFAULT, *args]), a
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``mimscale bench [engine]``; prints (and optionally writes) the JSON."""
     from mimscale.registry import load_recipe
 
-    path, args, a = recipe_args("mimscale bench", __doc__, "mae/vit_b16.yaml", 10, argv)
-    overrides = [*DEFAULT, *args] if path.name == "vit_b16.yaml" and path.parent.name == "mae" else args
-    return emit(run_bench(load_recipe(path, overrides), a.steps), a.out)
+    path, overrides, a = parse_args(argv)
+    result = run_bench(load_recipe(path, overrides), a.steps)
+    return emit({"recipe": str(path), "overrides": overrides, **result}, a.out)

@@ -1,4 +1,4 @@
-"""`mimscale bench` (engine) prints the JSON it promises; the teacher bench too."""
+"""`mimscale bench` (engine) prints the JSON it promises, naming the recipe and the overrides applied."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ def test_engine_bench_reports_overhead_ratio_and_throughput(tmp_path) -> None:
     )
     r = _json(res.stdout)
     assert r == json.loads(out.read_text())
+    assert r["recipe"].endswith("mae/cpu_tiny.yaml")
+    assert r["overrides"] == ["train.global_batch=8", "train.micro_batch=8"]  # no hidden defaults
     assert r["method"] == "mae" and r["steps_measured"] == 2
     assert r["engine_step_s"] > 0 and r["bare_step_s"] > 0
     assert abs(r["engine_overhead_ratio"] - r["engine_step_s"] / r["bare_step_s"]) < 1e-9
@@ -42,3 +44,15 @@ def test_engine_bench_reports_overhead_ratio_and_throughput(tmp_path) -> None:
 
     expected = 3 * (4 * block_flops(17, 96) + 2 * block_flops(65, 64))
     assert abs(r["train_flops_per_image"] - expected) < 1e-3 * expected
+
+
+def test_engine_bench_defaults_apply_only_without_a_recipe() -> None:
+    from mimscale.bench.engine import DEFAULT, DEFAULT_RECIPE, parse_args
+
+    path, overrides, _ = parse_args([])
+    assert path.parts[-2:] == tuple(DEFAULT_RECIPE.split("/")) and overrides == DEFAULT
+    _, overrides, _ = parse_args(["train.micro_batch=4"])
+    assert overrides == [*DEFAULT, "train.micro_batch=4"]
+    # naming mae/vit_b16.yaml benchmarks that recipe as written (once silently switched to ViT-S)
+    path, overrides, a = parse_args(["mae/vit_b16.yaml", "--steps", "3"])
+    assert path.is_file() and path.parts[-2:] == ("mae", "vit_b16.yaml") and overrides == [] and a.steps == 3

@@ -10,7 +10,7 @@ import pytest
 
 @pytest.mark.slow
 def test_demo_smoke(tmp_path, capsys) -> None:
-    from mimscale.demo import run_demo
+    from mimscale.demo.run import run_demo
 
     rc = run_demo(
         "mae", tmp_path, ["train.max_steps=2", "eval.every=2", "eval.linear_iters=20", "data.num_workers=1"]

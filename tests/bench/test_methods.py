@@ -15,7 +15,7 @@ from launch import REPO
 def test_bench_methods_prints_the_comparison(tmp_path) -> None:
     out = tmp_path / "b.json"
     args = ["--base", "cpu_tiny", "--steps", "1", "--warmup", "0", "--out", str(out)]
-    code = f"import sys; from mimscale.bench_methods import main; sys.exit(main({args!r}))"
+    code = f"import sys; from mimscale.bench.methods import main; sys.exit(main({args!r}))"
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -148,7 +148,7 @@ def _offload(recipe, resident, step, batch, dev, dtype, steps: int, warmup: int,
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mimscale bench teacher``; prints (and optionally writes) the JSON."""
-    from mimscale.bench import emit, recipe_args
+    from mimscale.bench.common import emit, recipe_args
     from mimscale.registry import load_recipe
 
     default = "cae_v2/vit_l16_plus.yaml" if torch.cuda.is_available() else "cae_v2/cpu_tiny.yaml"

@@ -127,8 +127,8 @@ def _cached(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mimscale.data.demo OUT [--size 32] [--fmt png|jpeg]``; prints the result as JSON."""
-    p = argparse.ArgumentParser(prog="mimscale-demo-data", description=__doc__.splitlines()[0])
+    """``mimscale demo-data OUT [--size 32] [--fmt png|jpeg]``; prints the result as JSON."""
+    p = argparse.ArgumentParser(prog="mimscale demo-data", description=__doc__.splitlines()[0])
     p.add_argument("out", help="output directory")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--val-fraction", type=float, default=0.2)

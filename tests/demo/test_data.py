@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mimscale.data.demo import write_digits_shards
 from mimscale.data.manifest import read_manifest
+from mimscale.demo.data import write_digits_shards
 
 
 def test_digits_shards(digits: dict) -> None:

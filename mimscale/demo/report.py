@@ -15,30 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEMO_EVAL", "DEMO_OVERRIDES", "eval_every", "random_init_results", "report"]
-
-# Recipe overrides that turn the evaluation hook on for the demo (kNN + fast linear probe on the
-# held-out split, five times during pre-training and at the end).
-DEMO_EVAL = ["eval.at_end=true", "eval.knn=true", "eval.linear=true", "eval.batch_size=512"]
-
-# Per-method demo settings, applied after DEMO_EVAL and before the user's overrides. Found on the
-# digits: with 4-px patches of the bicubic-upscaled 8 x 8 scans, a masked patch is interpolated
-# from its neighbours and MAE's encoder learns nothing a random one does not already give (probe
-# accuracy at or below random init after 30 epochs); 8-px patches (2 x 2 original pixels, 16
-# tokens, 4 visible) make the task need the digit's shape, and the encoder overtakes its random
-# initialisation after ~600 steps. Mean-pooled patch tokens (MAE's global pool) are probed: the
-# class token gets no direct training signal in MAE.
-DEMO_OVERRIDES: dict[str, list[str]] = {
-    "mae": ["model.patch_size=8", "train.epochs=40", "optim.blr=3.0e-3", "eval.pool=mean"],
-}
-
-
-def eval_every(recipe: Any, num_train: int, times: int = 5) -> int:
-    """Optimizer steps between the demo's evaluations: ``times`` evaluations over the run."""
-    steps = recipe.train.epochs * max(1, num_train // recipe.train.global_batch)
-    if recipe.train.max_steps:
-        steps = min(steps, recipe.train.max_steps)
-    return max(1, int(steps) // times)
+__all__ = ["random_init_results", "report"]
 
 
 def random_init_results(recipe: Any) -> dict[str, float]:

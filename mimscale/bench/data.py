@@ -1,19 +1,18 @@
 """Data-loader benchmark: images/s of ONE worker process (read shard + decode + RRC to 224).
 
-Real photographs that scikit-image and scikit-learn ship are upscaled to ImageNet-like sizes
+Real photographs (the two that scikit-learn ships, as eight frames) are upscaled to ImageNet-like sizes
 (long side 500..1000 px), JPEG-encoded, and sharded twice: original bytes ("full") and
 pre-resized to a short side of 256 ("short256", ``make_shards --short-side 256``). Each set is
 read through the real pipeline (``num_workers=0``, so the figure is per process) with and
 without JPEG draft decoding. Multiply by ``data.num_workers`` for a rank's ceiling.
 
-    python -m mimscale.data.bench [--images 32] [--epochs 2]      # or: mimscale bench data
+    mimscale bench data [--images 32] [--epochs 2] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import tempfile
 import time
@@ -23,16 +22,21 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["run"]
+from mimscale.bench.common import emit
+
+__all__ = ["main", "run"]
 
 
 def _photos() -> list[np.ndarray]:
-    import skimage.data as skd
+    """Eight real-photo frames: each of scikit-learn's two photos whole, its left and right 3/4 crops,
+    and transposed (portrait), so the sources differ in content and aspect (no extra dependency)."""
     from sklearn.datasets import load_sample_images
 
-    arrays = [skd.astronaut(), skd.coffee(), skd.chelsea(), skd.rocket(), skd.hubble_deep_field()]
-    arrays += [skd.immunohistochemistry(), *load_sample_images().images]
-    return arrays
+    frames = []
+    for img in load_sample_images().images:  # 427 x 640 RGB uint8
+        w = img.shape[1]
+        frames += [img, img[:, : 3 * w // 4], img[:, w // 4 :], img.transpose(1, 0, 2)]
+    return [np.ascontiguousarray(f) for f in frames]
 
 
 def _write_sources(root: Path, n: int, seed: int) -> dict[str, float]:
@@ -93,10 +97,10 @@ def _images_per_s(manifest: str, draft: bool, epochs: int, batch: int) -> float:
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark; prints and returns the JSON result.
+    """Run the benchmark; prints (and with ``--out`` writes) and returns the JSON result.
 
     Args:
-        argv: ``[--images N] [--epochs E] [--batch B] [--seed S]``.
+        argv: ``[--images N] [--epochs E] [--batch B] [--seed S] [--out FILE]``.
 
     Returns:
         ``{"images_per_s_per_worker": {"full": {"draft": x, "no_draft": y}, "short256": {...}},
@@ -109,6 +113,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--epochs", type=int, default=2, help="passes over them per measurement")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory(prefix="mimscale-bench-") as tmp:
         root = Path(tmp)
@@ -130,15 +135,15 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "preresize_speedup": round(result["short256"]["no_draft"] / result["full"]["no_draft"], 2),
         "source": {"images": a.images, "epochs": a.epochs, **{k: round(v, 1) for k, v in stats.items()}},
     }
-    print(json.dumps(out))
+    emit(out, a.out)
     return out
 
 
-if __name__ == "__main__":
-    run()
-
-
 def main(argv: list[str] | None = None) -> int:
-    """`mimscale bench data ...`: print the JSON report."""
+    """``mimscale bench data ...``: print the JSON report."""
     run(argv)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""What the benchmarks share: ``[RECIPE] key.sub=value ... [--steps N] [--out FILE]``, JSON out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["emit", "recipe_args", "recipe_file", "sync"]
+
+
+def emit(result: dict[str, Any], out: str | None) -> int:
+    """Print the benchmark JSON (and write it to ``out``); the exit code of every bench."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+    return 0
+
+
+def recipe_file(name: str) -> Path:
+    """``name`` as a path, or relative to the shipped recipes: resolved exactly as the CLI does."""
+    from mimscale.config.paths import recipe_path
+
+    return recipe_path(name)
+
+
+def recipe_args(
+    prog: str, doc: str | None, default_recipe: str, steps: int, argv: list[str] | None
+) -> tuple[Path, list[str], argparse.Namespace]:
+    """Parse ``[RECIPE] key.sub=value ... [--steps N] [--out FILE]`` shared by the benches.
+
+    Args:
+        prog: program name for ``--help``.
+        doc: description for ``--help``.
+        default_recipe: the recipe when none is given (relative to the shipped recipes).
+        steps: default of ``--steps``.
+        argv: the arguments after ``mimscale bench WHAT``.
+
+    Returns:
+        (recipe path, overrides, parsed namespace with ``steps``, ``out`` and ``recipe_given``:
+        False when ``default_recipe`` was used).
+    """
+    p = argparse.ArgumentParser(
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("args", nargs="*", help="[RECIPE] key.sub=value ...")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    a = p.parse_args(argv)
+    args = list(a.args)
+    a.recipe_given = bool(args) and "=" not in args[0]
+    path = recipe_file(args.pop(0) if a.recipe_given else default_recipe)
+    return path, args, a
+
+
+def sync(device: Any) -> None:
+    """Wait for the GPU's queued work so a timer measures it (no-op on CPU)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()

@@ -1,0 +1,8 @@
+"""``mimscale demo`` and ``mimscale demo-data``: the whole path on a CPU in minutes, on real digits.
+
+- :mod:`mimscale.demo.data` — scikit-learn's digits as train/val WebDataset shards (``demo-data``).
+- :mod:`mimscale.demo.run` — pre-train a method's ``cpu_tiny`` recipe on them with the eval hook on.
+- :mod:`mimscale.demo.report` — the pre-trained encoder vs the same encoder at random init.
+
+Import-light: nothing here imports torch until a demo runs.
+"""

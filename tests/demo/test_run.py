@@ -1,0 +1,40 @@
+"""`mimscale demo --method NAME`: the names come from the tiny recipes on disk, not from a list."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mimscale.demo.run import demo_recipes, run_demo
+from mimscale.registry import load_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_demo_names_follow_the_tiny_recipes(tmp_path: Path) -> None:
+    for rel in ("_base/cpu_tiny.yaml", "zeta/cpu_tiny.yaml", "alpha/cpu_tiny.yaml", "alpha/vit_b16.yaml",
+                "plug/alpha_cpu_tiny.yaml", "plug/notes.yaml"):  # fmt: skip
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("{}\n")
+    assert demo_recipes(tmp_path) == {
+        "alpha": "alpha/cpu_tiny.yaml",
+        "zeta": "zeta/cpu_tiny.yaml",
+        "alpha_plug": "plug/alpha_cpu_tiny.yaml",
+    }
+
+
+def test_shipped_demos_are_every_tiny_recipe_and_load() -> None:
+    demos = demo_recipes()
+    # the demos offered before the names were derived
+    assert {"mae", "simmim", "cae_v2", "mr_mae", "lc_mae", "mae_mto"} <= set(demos)
+    assert demos["mae_mto"] == "mto/mae_cpu_tiny.yaml"
+    assert "finetune" not in demos  # a classifier needs a pre-trained checkpoint: not a demo
+    for name, rel in demos.items():
+        r = load_recipe(REPO / "recipes" / rel)
+        assert rel.split("/")[0] in (r.method, name.split("_")[-1])  # method folder or plug-in folder
+
+
+def test_unknown_demo_lists_the_available_ones(tmp_path: Path, capsys) -> None:
+    assert run_demo("nope", tmp_path) == 2
+    out = capsys.readouterr().out
+    assert "no CPU demo for method 'nope'" in out and "mae_mto" in out
+    assert not (tmp_path / "data").exists()  # nothing written for a typo
