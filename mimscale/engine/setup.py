@@ -22,8 +22,44 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def keep_valid_rows(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch without its padding / replacement rows (``valid = False``), so they get no gradient.
+
+    Exact epochs pad the tail and undecodable samples are replaced by a decodable one; those
+    rows exist only so every rank runs the same number of steps. Dropping them here, before the
+    method, treats every method the same way. A batch with no valid row is returned whole: the
+    step still runs (ZeRO's collectives need every rank), and the trainer zeroes its loss.
+
+    Args:
+        batch: a collated batch; ``valid`` bool ``[B]``; per-sample entries ``views`` (list of
+            ``[B, ...]``), ``crops``, ``labels``, ``keys``; ``mask`` ``[B * R, N]`` (R masks per
+            sample, rows ``b*R .. b*R+R-1``).
+
+    Returns:
+        A new dict with only the valid rows (the same dict when every row is valid).
+    """
+    valid = batch.get("valid")
+    if valid is None or bool(valid.all()) or not bool(valid.any()):
+        return batch
+    keep = valid.nonzero().squeeze(1)
+    out = dict(batch)
+    out["views"] = [v[keep] for v in batch["views"]]
+    for key in ("crops", "labels", "valid"):
+        if key in batch:
+            out[key] = batch[key][keep]
+    if "keys" in batch:
+        out["keys"] = [batch["keys"][i] for i in keep.tolist()]
+    if "mask" in batch:
+        repeats = batch["mask"].shape[0] // valid.shape[0]
+        rows = (keep.unsqueeze(1) * repeats + torch.arange(repeats)).flatten()
+        out["mask"] = batch["mask"][rows]
+    return out
+
+
 def prepare_batch(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """uint8 views -> device, ImageNet-normalised ``images`` in the engine's dtype."""
+    """Valid rows only (:func:`keep_valid_rows`), uint8 views -> device, ImageNet-normalised
+    ``images`` in the engine's dtype."""
+    batch = keep_valid_rows(batch)
     views = [v.to(device, non_blocking=True) for v in batch["views"]]
     out = dict(batch)
     out["views"] = views

@@ -61,3 +61,31 @@ def test_every_trainable_parameter_in_exactly_one_group(name: str, layer_decay) 
     assert set(seen) == trainable
     if layer_decay is not None:
         assert len({g["lr_scale"] for g in groups}) > 2  # the decay actually spreads the lr
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_padding_rows_get_no_gradient(name: str) -> None:
+    """Rows flagged ``valid = False`` (exact-epoch padding, replacements for undecodable samples)
+    leave the loss exactly as if the batch held only the valid rows, for every method."""
+    recipe, method, provider = build(name)
+    method.eval()  # no dropout / drop-path: the two forwards must see the same function
+    full = synthetic_batch(recipe)
+    b = full["views"][0].shape[0]
+    full["valid"] = torch.tensor([i % 2 == 0 for i in range(b)])
+    keep = [i for i in range(b) if i % 2 == 0]
+    repeats = full["mask"].shape[0] // b if "mask" in full else 1
+    alone = dict(full)
+    alone["views"] = [v[keep] for v in full["views"]]
+    alone["labels"] = full["labels"][keep]
+    alone["keys"] = [full["keys"][i] for i in keep] if "keys" in full else None
+    alone["valid"] = torch.ones(len(keep), dtype=torch.bool)
+    if "mask" in full:
+        alone["mask"] = full["mask"][[i * repeats + r for i in keep for r in range(repeats)]]
+    losses = []
+    for batch in (full, alone):
+        prepared = prepare_batch(batch, torch.device("cpu"), torch.float32)
+        assert prepared["views"][0].shape[0] == len(keep)
+        torch.manual_seed(0)  # methods that draw inside forward draw the same
+        targets = provider(prepared) if provider is not None else None
+        losses.append(method(prepared, prepared.get("mask"), targets).loss)
+    assert torch.equal(losses[0], losses[1]), f"{name}: {losses}"
