@@ -14,7 +14,8 @@ from PIL import Image
 
 from mimscale.data import shards
 from mimscale.data.manifest import read_manifest, resolve_source
-from mimscale.data.shards import main, make_shards, merge_task_manifests
+from mimscale.data.shards import make_shards, merge_task_manifests
+from mimscale.data.shards_cli import main
 
 
 def _tar_members(path: Path) -> dict[str, bytes]:
