@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CENTER_CROP_FRACTION",
-    "SRC_PADDING",
+    "SIMPLE_CROP_PADDING",
     "augment_sample",
     "draft_factor",
     "replay_crop",
@@ -38,7 +38,8 @@ __all__ = [
 ]
 
 CENTER_CROP_FRACTION = 0.875  # eval: resize 256 / center-crop 224 (MAE FINETUNE.md)
-SRC_PADDING = 4  # LC-MAE SRC: RandomCrop(size, padding=4, reflect) after the short-side resize
+# LC-MAE's simple resized crop (SRC): RandomCrop(size, padding=4, reflect) after the short-side resize.
+SIMPLE_CROP_PADDING = 4
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
@@ -72,8 +73,8 @@ def _rrc_params(
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-def _src_geometry(src_h: int, src_w: int, size: int) -> tuple[float, int, int]:
-    """SRC: the short-side resize factor and the resized image size ``(f, rh, rw)``."""
+def _simple_crop_geometry(src_h: int, src_w: int, size: int) -> tuple[float, int, int]:
+    """Simple resized crop: the short-side resize factor and the resized image size ``(f, rh, rw)``."""
     f = size / min(src_h, src_w)
     return f, max(size, int(round(src_h * f))), max(size, int(round(src_w * f)))
 
@@ -93,9 +94,9 @@ def sample_crop(src_h: int, src_w: int, view: ViewConfig, rng: np.random.Generat
     if view.crop == "rrc":
         top, left, ch, cw = _rrc_params(src_h, src_w, view.scale, view.ratio, rng)
         box = (float(top), float(left), float(ch), float(cw))
-    elif view.crop == "src":
-        f, rh, rw = _src_geometry(src_h, src_w, view.size)
-        p = SRC_PADDING
+    elif view.crop == "simple":
+        f, rh, rw = _simple_crop_geometry(src_h, src_w, view.size)
+        p = SIMPLE_CROP_PADDING
         oy = int(rng.integers(0, rh + 2 * p - view.size + 1)) - p
         ox = int(rng.integers(0, rw + 2 * p - view.size + 1)) - p
         box = (oy / f, ox / f, view.size / f, view.size / f)  # may extend into the reflect pad
@@ -117,7 +118,7 @@ def draft_factor(record: Sequence[float], view: ViewConfig) -> int:
     upsamples a reduced image. Derived from the record alone so replays agree.
     """
     src_h, src_w, _, _, ch, cw, _ = (float(x) for x in record)
-    if view.crop == "src":
+    if view.crop == "simple":
         ch = cw = min(src_h, src_w)  # the whole image is resized so its short side = size
     for d in (8, 4, 2):
         if ch / d >= view.size and cw / d >= view.size:
@@ -141,9 +142,9 @@ def _geometric(img: Image.Image, reduction: int, record: Sequence[float], view: 
     src_h, src_w, top, left, ch, cw, flip = (float(x) for x in record)
     resample = _RESAMPLE[view.interpolation]
     s = view.size
-    if view.crop == "src":
-        f, rh, rw = _src_geometry(int(src_h), int(src_w), s)
-        p = SRC_PADDING
+    if view.crop == "simple":
+        f, rh, rw = _simple_crop_geometry(int(src_h), int(src_w), s)
+        p = SIMPLE_CROP_PADDING
         resized = np.asarray(img.resize((rw, rh), resample))
         padded = np.pad(resized, ((p, p), (p, p), (0, 0)), mode="reflect")
         oy, ox = int(round(top * f)) + p, int(round(left * f)) + p

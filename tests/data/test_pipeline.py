@@ -17,7 +17,7 @@ from mimscale.data.manifest import read_manifest
 from mimscale.data.pipeline import ShardReadError, build_eval_loader, build_train_loader
 from mimscale.data.shards import make_shards
 
-VIEWS = [ViewConfig(size=32, scale=[0.5, 1.0]), ViewConfig(size=32, crop="src", color_jitter=0.4)]
+VIEWS = [ViewConfig(size=32, scale=[0.5, 1.0]), ViewConfig(size=32, crop="simple", color_jitter=0.4)]
 BLOCK = MaskConfig(kind="block", ratio=0.5, min_num_patches=4, repeats=2)
 
 

@@ -12,7 +12,7 @@ from mimscale.config import ViewConfig
 from mimscale.data.transforms import augment_sample, draft_factor, replay_crop, sample_crop
 
 
-@pytest.mark.parametrize("crop", ["rrc", "src", "center", "resize"])
+@pytest.mark.parametrize("crop", ["rrc", "simple", "center", "resize"])
 @pytest.mark.parametrize("draft", [True, False])
 def test_recorded_crop_replays_to_identical_pixels(photo_jpeg: bytes, crop: str, draft: bool) -> None:
     view = ViewConfig(size=64, crop=crop, scale=[0.3, 1.0])
@@ -26,10 +26,10 @@ def test_recorded_crop_replays_to_identical_pixels(photo_jpeg: bytes, crop: str,
 
 def test_replay_of_a_multi_view_sample_with_colour_augmentations(photo_jpeg: bytes) -> None:
     """Colour augmentations do not move the geometry; replay gives the geometric part."""
-    plain = [ViewConfig(size=64, crop="rrc"), ViewConfig(size=48, crop="src")]
+    plain = [ViewConfig(size=64, crop="rrc"), ViewConfig(size=48, crop="simple")]
     coloured = [
         ViewConfig(size=64, crop="rrc", color_jitter=0.4, color_jitter_p=1.0, blur_p=1.0),
-        ViewConfig(size=48, crop="src", grayscale_p=1.0, solarize_p=1.0),
+        ViewConfig(size=48, crop="simple", grayscale_p=1.0, solarize_p=1.0),
     ]
     img_plain, rec_plain = augment_sample(photo_jpeg, plain, np.random.default_rng(7))
     img_col, rec_col = augment_sample(photo_jpeg, coloured, np.random.default_rng(7))
@@ -53,7 +53,7 @@ def test_records_are_in_original_pixels(photo_jpeg: bytes) -> None:
         aspects.append(w / h)
     assert 0.19 <= min(areas) and max(areas) <= 1.0 and np.mean(areas) == pytest.approx(0.6, abs=0.05)
     assert 0.7 <= min(aspects) and max(aspects) <= 1.4
-    src = sample_crop(300, 600, ViewConfig(size=64, crop="src"), rng)
+    src = sample_crop(300, 600, ViewConfig(size=64, crop="simple"), rng)
     assert src[4] == pytest.approx(300) and src[5] == pytest.approx(300)  # short side -> 64, crop 64
 
 
@@ -92,3 +92,17 @@ def test_undecodable_bytes_raise(photo_jpeg: bytes) -> None:
         augment_sample(b"not an image", [ViewConfig(size=32)], np.random.default_rng(0))
     with pytest.raises(OSError):
         augment_sample(photo_jpeg[: len(photo_jpeg) // 3], [ViewConfig(size=32)], np.random.default_rng(0))
+
+
+def test_crop_kind_src_is_now_simple_and_the_old_name_is_refused(tmp_path) -> None:
+    """``crop: simple`` (LC-MAE's simple resized crop) is the only name; ``src`` read like "source"."""
+    from pathlib import Path
+
+    from mimscale.config import RecipeError, load_recipe
+
+    tiny = Path(__file__).resolve().parents[2] / "recipes/lc_mae/cpu_tiny.yaml"
+    assert [v.crop for v in load_recipe(tiny).data.views] == ["simple", "simple"]
+    p = tmp_path / "r.yaml"
+    p.write_text(f"_base_: {tiny}\ndata: {{views: [{{size: 32, crop: src}}, {{size: 32, crop: src}}]}}\n")
+    with pytest.raises(RecipeError, match="crop"):
+        load_recipe(p)
