@@ -33,12 +33,16 @@ class ShardSource:
         counts: samples per shard (same order), or None when no manifest was found.
         classes: class name -> index, when the manifest has labels.
         manifest: path of the manifest used, if any.
+        nbytes: size of each shard file in bytes, when the manifest records it.
+        sha256: hex digest of each shard file, when the manifest records it.
     """
 
     urls: tuple[str, ...]
     counts: tuple[int, ...] | None = None
     classes: dict[str, int] | None = None
     manifest: str | None = None
+    nbytes: tuple[int, ...] | None = None
+    sha256: tuple[str, ...] | None = None
 
     @property
     def total(self) -> int | None:
@@ -75,6 +79,16 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     return m
 
 
+def _integrity(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-shard sizes and sha256 digests, when the manifest records them for every shard."""
+    out: dict[str, Any] = {}
+    if shards and all("bytes" in s for s in shards):
+        out["nbytes"] = tuple(int(s["bytes"]) for s in shards)
+    if shards and all(s.get("sha256") for s in shards):
+        out["sha256"] = tuple(str(s["sha256"]) for s in shards)
+    return out
+
+
 def _source_from_manifest(path: Path) -> ShardSource:
     m = read_manifest(path)
     base = path.parent if path.suffix == ".json" else path
@@ -83,6 +97,7 @@ def _source_from_manifest(path: Path) -> ShardSource:
         counts=tuple(int(s["count"]) for s in m["shards"]),
         classes=m.get("classes"),
         manifest=str(base / "manifest.json") if path.is_dir() else str(path),
+        **_integrity(m["shards"]),
     )
 
 
@@ -127,12 +142,17 @@ def _attach_sibling_manifest(urls: tuple[str, ...]) -> ShardSource:
         m = read_manifest(mpath)
     except ValueError:
         return ShardSource(urls=urls)
-    counts = {s["name"]: int(s["count"]) for s in m["shards"]}
+    by_name = {s["name"]: s for s in m["shards"]}
     names = [Path(u).name for u in urls]
-    if not all(n in counts and Path(u).parent == mpath.parent for n, u in zip(names, urls, strict=True)):
+    if not all(n in by_name and Path(u).parent == mpath.parent for n, u in zip(names, urls, strict=True)):
         return ShardSource(urls=urls)
+    shards = [by_name[n] for n in names]
     return ShardSource(
-        urls=urls, counts=tuple(counts[n] for n in names), classes=m.get("classes"), manifest=str(mpath)
+        urls=urls,
+        counts=tuple(int(s["count"]) for s in shards),
+        classes=m.get("classes"),
+        manifest=str(mpath),
+        **_integrity(shards),
     )
 
 

@@ -7,6 +7,9 @@ but not decoding or batching (:mod:`mimscale.data.batches`).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,10 +23,12 @@ from mimscale.data.manifest import ShardSource
 __all__ = [
     "EpochSpec",
     "ErrorPolicy",
+    "ShardEntry",
     "ShardReadError",
     "range_stream",
     "read_shard",
     "resampled_stream",
+    "shard_entry",
     "shuffled",
 ]
 
@@ -63,16 +68,25 @@ class EpochSpec:
 
 
 class ErrorPolicy:
-    """WebDataset exception handler: ``skip`` (warn + count) or ``fail`` (raise naming the shard)."""
+    """WebDataset exception handler: ``skip`` (warn + count) or ``fail`` (raise naming the shard).
+
+    Also judges a shard against its manifest entry (sample count, size, sha256): a mismatch
+    is one more problem of that shard, warned and counted once, or an error naming it.
+    """
 
     def __init__(self, on_error: str, rank: int, worker: int) -> None:
         self.on_error, self.rank, self.worker = on_error, rank, worker
-        self.count = 0  # corrupt shards + undecodable samples seen by this worker
+        self.count = 0  # bad shards (corrupt or disagreeing with the manifest) + undecodable samples
         self.url = ""
         self._shard_errors: list[str] = []
 
     def begin(self, url: str) -> None:
         self.url, self._shard_errors = url, []
+
+    @property
+    def shard_ok(self) -> bool:
+        """No problem seen so far in the current shard."""
+        return not self._shard_errors
 
     def __call__(self, exn: BaseException) -> bool:
         if self.on_error == "fail":
@@ -82,12 +96,18 @@ class ErrorPolicy:
         self._shard_errors.append(f"{type(exn).__name__}: {exn}")
         return True  # continue with the next sample / shard
 
+    def mismatch(self, what: str) -> None:
+        """The shard disagrees with its manifest entry: fail naming it, or warn and count (skip)."""
+        if self.on_error == "fail":
+            raise ShardReadError(f"{self.url}: {what}")
+        self._shard_errors.append(what)
+
     def end(self) -> None:
         if self._shard_errors:  # one count and one warning per bad shard, however many errors
             self.count += 1
             warnings.warn(
-                f"skipping the unreadable rest of shard {self.url} ({self._shard_errors[0]}); "
-                f"rank {self.rank} worker {self.worker} skipped {self.count} so far",
+                f"shard {self.url}: {'; '.join(self._shard_errors[:2])}; its unreadable part is skipped; "
+                f"rank {self.rank} worker {self.worker}: {self.count} bad shards/samples so far",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -100,34 +120,104 @@ class ErrorPolicy:
         warnings.warn(f"{where}: skipped ({exn})", RuntimeWarning, stacklevel=2)
 
 
-def read_shard(url: str, policy: ErrorPolicy, expected: int | None = None) -> Iterator[dict[str, Any]]:
-    """Raw samples (dicts of bytes) of one shard, through WebDataset's tar reader.
+@dataclass(frozen=True)
+class ShardEntry:
+    """What the manifest says about one shard (each field None when unknown)."""
 
-    A tar cut at a block boundary reads as a shorter, valid archive, so when the manifest
-    gives the shard's sample count, a shortfall is reported as a corrupt shard too.
+    count: int | None = None
+    nbytes: int | None = None
+    sha256: str | None = None  # None also when this reader stops before the shard's end
+
+
+def shard_entry(source: ShardSource, k: int, verify_digest: bool = True) -> ShardEntry:
+    """The manifest's entry of shard ``k`` of ``source``."""
+    return ShardEntry(
+        count=source.counts[k] if source.counts is not None else None,
+        nbytes=source.nbytes[k] if source.nbytes is not None else None,
+        sha256=source.sha256[k] if source.sha256 is not None and verify_digest else None,
+    )
+
+
+class _HashingStream:
+    """A read-only stream that hashes every byte the tar reader pulls through it."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.sha = stream, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.sha.update(data)
+        return data
+
+    def hexdigest_of_all(self) -> str:
+        """Digest of the whole file: reads what the tar reader left (end-of-archive padding)."""
+        while self.read(1 << 20):
+            pass
+        return self.sha.hexdigest()
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def _local_size(url: str) -> int | None:
+    """Size of a local shard file; None for remote or piped urls (or a missing file: gopen says so)."""
+    if url.startswith("pipe:") or "://" in url.removeprefix("file://"):
+        return None
+    try:
+        return os.path.getsize(url.removeprefix("file://").removeprefix("file:"))
+    except OSError:
+        return None
+
+
+def read_shard(url: str, policy: ErrorPolicy, entry: ShardEntry | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples (dicts of bytes) of one shard, through WebDataset's tar reader, checked against
+    its manifest entry.
+
+    * A tar cut at a block boundary reads as a shorter, valid archive: a shortfall against
+      the manifest's count is reported as a corrupt shard.
+    * Samples past the manifest's count are never yielded (the epoch layout is built from the
+      counts; they would be taken for the next shard's) and the excess is reported.
+    * Integrity, cheaply: the file size is compared at open (one ``stat``), and the sha256 is
+      computed while the tar streams through and compared at the shard's end, so it costs
+      hashing only, no extra read. Readers that stop mid-shard pass no digest.
     """
     from webdataset.gopen import gopen
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
+    entry = entry or ShardEntry()
     policy.begin(url)
+    size = _local_size(url) if entry.nbytes is not None else None
+    if size is not None and size != entry.nbytes:
+        policy.mismatch(f"{size} bytes on disk, the manifest says {entry.nbytes} bytes (another file?)")
+        entry = dataclasses.replace(entry, sha256=None)  # one problem, reported once
     try:
-        stream = gopen(url)
+        stream = _HashingStream(gopen(url))
     except Exception as e:  # noqa: BLE001 - a missing / unreadable shard: skip or fail by policy
         policy(e)
         policy.end()
         return
-    got = 0
+    got = extra = 0
     try:
         for sample in group_by_keys(
             tar_file_expander([{"url": url, "stream": stream}], handler=policy), handler=policy
         ):
+            if entry.count is not None and got >= entry.count:
+                extra += 1
+                continue
             sample["__url__"] = url
             got += 1
             yield sample
+        if entry.sha256 and policy.shard_ok and stream.hexdigest_of_all() != entry.sha256:
+            policy.mismatch("its sha256 differs from the manifest's (the shard was changed or replaced)")
     finally:
         stream.close()
-    if expected is not None and got < expected:
-        policy(ValueError(f"read {got} samples, the manifest says {expected} (truncated?)"))
+    if entry.count is not None and got < entry.count:
+        policy(ValueError(f"read {got} samples, the manifest says {entry.count} (truncated?)"))
+    if extra:
+        policy.mismatch(
+            f"{extra} more samples than the manifest says {entry.count}: they were not read "
+            "(the manifest is stale: re-write it with mimscale prep-shards)"
+        )
     policy.end()
 
 
@@ -138,8 +228,7 @@ def resampled_stream(spec: EpochSpec, worker: int, policy: ErrorPolicy) -> Itera
     while True:
         got = 0
         k = int(rng.integers(len(urls)))
-        counts = spec.source.counts
-        for sample in read_shard(urls[k], policy, counts[k] if counts is not None else None):
+        for sample in read_shard(urls[k], policy, shard_entry(spec.source, k)):
             got += 1
             yield sample
         empty_in_a_row = 0 if got else empty_in_a_row + 1
@@ -164,7 +253,9 @@ def range_stream(spec: EpochSpec, worker: int, policy: ErrorPolicy) -> Iterator[
     for k in order:
         n = counts[k]
         if offset < hi and offset + n > lo:
-            for pos, sample in enumerate(read_shard(spec.source.urls[k], policy, n)):
+            # Only the reader whose range reaches the shard's end reads all of it: it checks the digest.
+            entry = shard_entry(spec.source, k, verify_digest=offset + n <= hi)
+            for pos, sample in enumerate(read_shard(spec.source.urls[k], policy, entry)):
                 if offset + pos >= hi:
                     break
                 if offset + pos >= lo:
