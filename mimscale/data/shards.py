@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mimscale.data.manifest import MANIFEST_FORMAT, write_manifest_files
+from mimscale.data.transforms import oriented_size, to_rgb
 
 __all__ = ["SourceItem", "list_source", "make_shards", "merge_task_manifests", "plan_shards"]
 
@@ -180,10 +181,14 @@ def _target_size(w: int, h: int, max_side: int | None, short_side: int | None) -
 
 
 def _encode(item: SourceItem, settings: dict[str, Any]) -> tuple[str, bytes, dict[str, Any]]:
-    """Read, check and (optionally) pre-resize one image; returns (ext, bytes, json meta)."""
+    """Read, check and (optionally) pre-resize one image; returns (ext, bytes, json meta).
+
+    Sizes in the meta are those of the upright image (EXIF orientation applied), as training
+    decodes it; re-encoded images are stored upright and 16-bit ones scaled to 8 bits.
+    """
     data = Path(item.path).read_bytes()
     img = Image.open(io.BytesIO(data))
-    fmt, (w, h) = img.format, img.size
+    fmt, (w, h) = img.format, oriented_size(img)
     if settings["verify"]:
         img.load()  # full decode: catches truncated files that only have a valid header
     meta: dict[str, Any] = {"path": item.rel, "width": w, "height": h}
@@ -193,11 +198,12 @@ def _encode(item: SourceItem, settings: dict[str, Any]) -> tuple[str, bytes, dic
     img = Image.open(io.BytesIO(data))
     buf = io.BytesIO()
     if target is None:  # a format readers may not expect: store it losslessly as PNG
-        img.convert("RGB").save(buf, format="PNG")
+        to_rgb(img).save(buf, format="PNG")
         return "png", buf.getvalue(), {**meta, "reencoded": "png"}
     if fmt == "JPEG":
-        img.draft("RGB", target)  # DCT downscale to >= target first: much faster, same quality
-    img = img.convert("RGB").resize(target, Image.Resampling.BICUBIC)
+        stored = target if (w, h) == img.size else target[::-1]  # draft works on the stored axes
+        img.draft("RGB", stored)  # DCT downscale to >= target first: much faster, same quality
+    img = to_rgb(img).resize(target, Image.Resampling.BICUBIC)
     img.save(buf, format="JPEG", quality=settings["quality"])
     meta.update(width=target[0], height=target[1], orig_width=w, orig_height=h)
     return "jpg", buf.getvalue(), meta

@@ -1,6 +1,7 @@
 """Decode and augment one sample into several views, recording each view's crop exactly.
 
-Every view's geometry is a *crop record* of 7 floats, all in ORIGINAL image pixels::
+Every view's geometry is a *crop record* of 7 floats, all in ORIGINAL image pixels (of the
+upright image: EXIF orientation applied; 16-bit images are scaled to 8 bits)::
 
     (src_h, src_w, top, left, height, width, flip)
 
@@ -33,8 +34,10 @@ __all__ = [
     "augment_sample",
     "draft_factor",
     "replay_crop",
+    "oriented_size",
     "sample_crop",
     "to_chw",
+    "to_rgb",
 ]
 
 CENTER_CROP_FRACTION = 0.875  # eval: resize 256 / center-crop 224 (MAE FINETUNE.md)
@@ -126,15 +129,47 @@ def draft_factor(record: Sequence[float], view: ViewConfig) -> int:
     return 1
 
 
+_ORIENTATION = 0x0112  # EXIF tag; values 5-8 are transposed or rotated by 90 degrees
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a malformed EXIF block: keep the stored orientation
+        return 1
+
+
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of the image as displayed: after its EXIF orientation (header only)."""
+    w, h = img.size
+    return (h, w) if _orientation(img) in (5, 6, 7, 8) else (w, h)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Upright 8-bit RGB: EXIF orientation applied, 16-bit grayscale scaled to 8 bits.
+
+    ``convert("RGB")`` alone would clip a 16-bit PNG (mode ``I;16`` / ``I``) instead of
+    scaling it, and would leave a phone photo sideways.
+    """
+    if _orientation(img) != 1:
+        img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I"):  # 16-bit samples (I;16, I;16B, or I from older Pillow)
+        arr = np.asarray(img).astype(np.float64)
+        img = Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
 def _decode(data: bytes, factor: int) -> tuple[Image.Image, int]:
-    """Decode to RGB, with JPEG draft reduction ``factor``; returns (image, actual reduction)."""
+    """Decode to upright RGB, with JPEG draft reduction ``factor``; returns (image, actual reduction)."""
     img = Image.open(io.BytesIO(data))
-    src_w = img.size[0]
+    stored_w = img.size[0]
     if factor > 1 and img.format == "JPEG":
         img.draft(img.mode, (max(1, img.size[0] // factor), max(1, img.size[1] // factor)))
-    img = img.convert("RGB")
-    # The DCT reduction is an integer; the reduced width is ceil(src_w / d), so round the ratio.
-    return img, max(1, int(round(src_w / img.size[0])))
+        # The DCT reduction is an integer; the reduced width is ceil(w / d), so round the ratio.
+        reduction = max(1, int(round(stored_w / img.size[0])))
+    else:
+        reduction = 1
+    return to_rgb(img), reduction
 
 
 def _geometric(img: Image.Image, reduction: int, record: Sequence[float], view: ViewConfig) -> Image.Image:
@@ -172,7 +207,7 @@ def replay_crop(
         uint8 ``[3, size, size]``.
     """
     if isinstance(image, Image.Image):
-        img, reduction = image.convert("RGB"), 1
+        img, reduction = to_rgb(image), 1
     else:
         img, reduction = _decode(image, draft_factor(record, view) if draft else 1)
     return to_chw(_geometric(img, reduction, record, view))
@@ -229,8 +264,7 @@ def augment_sample(
     Raises:
         PIL.UnidentifiedImageError, OSError: when the bytes are not a decodable image.
     """
-    header = Image.open(io.BytesIO(data))
-    src_w, src_h = header.size
+    src_w, src_h = oriented_size(Image.open(io.BytesIO(data)))
     records = np.stack([sample_crop(src_h, src_w, v, rng) for v in views])
     decoded: dict[int, tuple[Image.Image, int]] = {}
     images = []

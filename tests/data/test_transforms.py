@@ -106,3 +106,46 @@ def test_crop_kind_src_is_now_simple_and_the_old_name_is_refused(tmp_path) -> No
     p.write_text(f"_base_: {tiny}\ndata: {{views: [{{size: 32, crop: src}}, {{size: 32, crop: src}}]}}\n")
     with pytest.raises(RecipeError, match="crop"):
         load_recipe(p)
+
+
+def _png16_gradient() -> bytes:
+    """A 16-bit grayscale PNG: a horizontal ramp over the full 0..65535 range."""
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (48, 1))
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")
+    return buf.getvalue()
+
+
+def test_sixteen_bit_png_is_scaled_to_eight_bits_not_clipped() -> None:
+    view = ViewConfig(size=32, crop="resize", hflip=0.0)
+    images, _ = augment_sample(_png16_gradient(), [view], np.random.default_rng(0))
+    row = images[0][0, 16].astype(int)
+    assert row[0] <= 4 and row[-1] >= 251  # black to white, as the 16-bit ramp
+    assert (images[0] == 255).mean() < 0.1  # (was: everything above 255/65535 clipped to white)
+    assert np.all(np.diff(row) >= 0) and np.all(images[0][0] == images[0][1])
+
+
+def _exif_rotated_jpeg() -> tuple[bytes, Image.Image]:
+    """An upright 24x48 (w x h) image, top red / bottom blue, stored sideways with EXIF orientation 6."""
+    upright = np.zeros((48, 24, 3), np.uint8)
+    upright[:24, :, 0] = 255
+    upright[24:, :, 2] = 255
+    up = Image.fromarray(upright)
+    stored = up.transpose(Image.Transpose.ROTATE_90)  # orientation 6 displays it rotated back
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", quality=95, exif=exif)
+    return buf.getvalue(), up
+
+
+def test_exif_orientation_is_applied_and_the_record_is_in_upright_pixels() -> None:
+    data, _ = _exif_rotated_jpeg()
+    view = ViewConfig(size=16, crop="resize", hflip=0.0)
+    images, records = augment_sample(data, [view], np.random.default_rng(0))
+    assert tuple(records[0][:2]) == (48, 24)  # (src_h, src_w) of the upright image
+    img = images[0].astype(int)
+    assert img[0, :6].mean() > 200 and img[2, :6].mean() < 50  # top rows red
+    assert img[2, -6:].mean() > 200 and img[0, -6:].mean() < 50  # bottom rows blue
+    np.testing.assert_array_equal(replay_crop(data, records[0], view), images[0])
