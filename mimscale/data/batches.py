@@ -62,6 +62,9 @@ class EpochDataset(torch.utils.data.IterableDataset):
 
         for _ in range((first // spec.workers) * b):  # resume: read, never decode
             take()
+        # Shard errors met while fast-forwarding were counted by the run that consumed those
+        # batches (the same raw reads): count from here on only, so a resumed total is exact.
+        policy.count = 0
         masker = None
         if spec.mask is not None:
             grid = (spec.img_size // spec.patch_size,) * 2

@@ -65,11 +65,14 @@ class ShardLoader:
         ``valid``: bool ``[B]`` (False for padding samples: exact-mode tail, undecodable);
         ``mask``: bool ``[B * R, N]`` (``True = masked``; rows ``b*R .. b*R+R-1`` belong to
         sample ``b``; absent for ``mask.kind: none``);
-        ``n_skipped``: corrupt shards + samples skipped so far by the worker that made it;
+        ``n_skipped``: bad shards + samples skipped so far in this iteration by the worker that
+        made it (the rank's exact total is :attr:`ShardLoader.shard_errors`);
         ``batch_index``: the batch's index within the epoch.
 
     Attributes:
         batches_per_epoch: batches per epoch on this rank (equal on all ranks).
+        shard_errors: bad shards + skipped samples in the batches this rank consumed, over all
+            workers and epochs (kept in the state, so exact across resumes); sum it over ranks.
     """
 
     def __init__(self, spec: EpochSpec, num_workers: int) -> None:
@@ -78,7 +81,16 @@ class ShardLoader:
         self.batches_per_epoch = spec.batches_per_epoch
         self._epoch, self._pos = 0, 0
         self._pinned = False  # set_epoch / load_state_dict fixed the epoch for the next iter()
+        # Workers report cumulative counts per iteration: the latest per logical worker, plus
+        # the totals of finished iterations.
+        self._errors_before = 0
+        self._errors_now: dict[int, int] = {}
         self._active: Iterator[dict[str, Any]] | None = None
+
+    @property
+    def shard_errors(self) -> int:
+        """Bad shards + skipped samples of the consumed batches (this rank, all workers/epochs)."""
+        return self._errors_before + sum(self._errors_now.values())
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -111,6 +123,7 @@ class ShardLoader:
             "workers": s.workers,
             "batch_size": s.batch_size,
             "mode": s.mode,
+            "shard_errors": self.shard_errors,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -128,6 +141,7 @@ class ShardLoader:
                     "an exact mid-epoch resume needs the same world size, data.num_workers, batch and data"
                 )
         self._epoch, self._pos = int(state["epoch"]), int(state["batches"])
+        self._errors_before, self._errors_now = int(state.get("shard_errors", 0)), {}
         self._pinned = True
 
     def close(self) -> None:
@@ -142,6 +156,8 @@ class ShardLoader:
         if self._pos >= self.batches_per_epoch and not self._pinned:  # finished: move on
             self._epoch, self._pos = self._epoch + 1, 0
         self._pinned = False
+        self._errors_before += sum(self._errors_now.values())  # the new workers count from zero
+        self._errors_now = {}
         self._active = self._iterate()
         return self._active
 
@@ -170,6 +186,7 @@ class ShardLoader:
                     f"data loader out of order: got batch {batch['batch_index']}, want {self._pos}"
                 )
             self._pos += 1
+            self._errors_now[batch["batch_index"] % self._spec.workers] = int(batch["n_skipped"])
             yield batch
 
 

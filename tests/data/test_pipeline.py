@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import tarfile
 import warnings
@@ -218,3 +220,56 @@ def test_epoch_position_semantics(digits: dict) -> None:
     assert loader.epoch == 1 and len(epoch1) == 3
     loader.set_epoch(5)
     assert [b["batch_index"] for b in loader] == [0, 1, 2] and loader.epoch == 5
+
+
+def _corrupt_samples(digits: dict, tmp_path: Path, where: dict[str, list[int]]) -> Path:
+    """A copy of the digits train shards with the images of some samples replaced by garbage."""
+    for p in Path(digits["train"]).parent.iterdir():
+        if p.is_file():
+            shutil.copy(p, tmp_path / p.name)
+    m = read_manifest(tmp_path / "manifest.json")
+    for name, positions in where.items():
+        shard = tmp_path / name
+        samples = list(wds.WebDataset(str(shard), shardshuffle=False))
+        for i in positions:
+            samples[i]["png"] = b"\x89PNG garbage"
+        with wds.TarWriter(str(shard), mtime=0) as w:
+            for s in samples:
+                w.write({k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"})
+        entry = next(s for s in m["shards"] if s["name"] == name)  # keep the manifest true to the files
+        entry["bytes"] = shard.stat().st_size
+        entry["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    return tmp_path / "manifest.json"
+
+
+BAD = {"digits-train-000000.tar": [3, 50, 100], "digits-train-000004.tar": [10, 200]}
+
+
+def test_shard_errors_is_the_exact_total_over_workers_epochs_and_resume(digits: dict, tmp_path: Path) -> None:
+    manifest = str(_corrupt_samples(digits, tmp_path, BAD))
+    none = MaskConfig(kind="none")
+    loaders = [_loader(manifest, rank=r, world=2, workers=2, epoch_mode="exact", mask=none) for r in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        runs = [list(ld) for ld in loaders]
+        # every undecodable sample is counted once, whichever rank and worker decoded it
+        first_epoch = [ld.shard_errors for ld in loaders]
+        assert sum(first_epoch) == 5 and all(len(r) == loaders[0].batches_per_epoch for r in runs)
+        for ld in loaders:  # the next epoch adds its own
+            list(ld)
+        assert sum(ld.shard_errors for ld in loaders) == 10
+        # interrupted and resumed mid-epoch: nothing counted twice, nothing lost
+        totals = []
+        for r in range(2):
+            first = _loader(manifest, rank=r, world=2, workers=2, epoch_mode="exact", mask=none)
+            it = iter(first)
+            for _ in range(5):
+                next(it)
+            state = first.state_dict()
+            first.close()
+            resumed = _loader(manifest, rank=r, world=2, workers=2, epoch_mode="exact", mask=none)
+            resumed.load_state_dict(state)
+            list(resumed)
+            totals.append(resumed.shard_errors)
+        assert totals == first_epoch
