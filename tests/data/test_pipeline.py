@@ -273,3 +273,31 @@ def test_shard_errors_is_the_exact_total_over_workers_epochs_and_resume(digits: 
             list(resumed)
             totals.append(resumed.shard_errors)
         assert totals == first_epoch
+
+
+@pytest.mark.parametrize("mode", ["exact", "resampled"])
+def test_every_padding_and_replacement_row_is_flagged_invalid(
+    digits: dict, tmp_path: Path, mode: str
+) -> None:
+    """``valid`` (bool ``[B]``) is False exactly for rows that are not a real, decoded sample."""
+    manifest = str(_corrupt_samples(digits, tmp_path, BAD))
+    bad_keys = set()
+    for name, positions in BAD.items():
+        keys = [s["__key__"] for s in wds.WebDataset(str(tmp_path / name), shardshuffle=False)]
+        bad_keys |= {keys[i] for i in positions}
+    kw = {"samples_per_epoch": 1438} if mode == "resampled" else {}
+    loader = _loader(manifest, workers=2, epoch_mode=mode, mask=MaskConfig(kind="none"), **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        batches = list(loader)
+    assert all(b["valid"].dtype == torch.bool and b["valid"].shape == (32,) for b in batches)
+    rows = [(k, v) for b in batches for k, v in zip(b["keys"], b["valid"].tolist(), strict=True)]
+    valid = [k for k, v in rows if v]
+    invalid = [k for k, v in rows if not v]
+    assert not bad_keys & set(valid)  # an undecodable sample is never a valid row
+    assert set(invalid) <= set(valid) | {""}  # every invalid row is a copy (or zeros), never a new sample
+    if mode == "exact":  # every decodable sample exactly once; everything else is flagged
+        assert sorted(valid) == sorted(_all_keys(manifest) - bad_keys)
+        assert len(invalid) == len(rows) - (1438 - 5)
+    else:  # drawn with replacement: one invalid row per undecodable draw, each counted once
+        assert len(invalid) == loader.shard_errors > 0
