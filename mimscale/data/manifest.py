@@ -22,6 +22,7 @@ __all__ = [
 ]
 
 MANIFEST_FORMAT = "mimscale-shards/1"
+_HOW_TO_WRITE = "write shards with `mimscale prep-shards --src IMAGES --out DIR`, or `mimscale demo-data DIR`"
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     if p.is_dir():
         p = p / "manifest.json"
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: no shard manifest here (write one with data_prep/make_shards.py)")
+        raise FileNotFoundError(f"{p}: no shard manifest here ({_HOW_TO_WRITE})")
     with open(p) as f:
         m = json.load(f)
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
@@ -115,6 +116,7 @@ def resolve_source(spec: str) -> ShardSource:
 
     Raises:
         ValueError: an empty spec or a pattern that expands to nothing.
+        FileNotFoundError: a local path with nothing there (no manifest, directory or shard).
     """
     if not spec:
         raise ValueError(
@@ -128,12 +130,18 @@ def resolve_source(spec: str) -> ShardSource:
     urls = tuple(expand_urls(spec))
     if not urls:
         raise ValueError(f"{spec}: the shard pattern expands to no urls")
+    if _is_local(urls[0]) and not any(Path(u).exists() for u in urls):  # a wrong path, not a bad shard
+        raise FileNotFoundError(f"{spec}: no manifest, shard directory or shard file here ({_HOW_TO_WRITE})")
     return _attach_sibling_manifest(urls)
+
+
+def _is_local(url: str) -> bool:
+    return not (url.startswith("pipe:") or "://" in url)
 
 
 def _attach_sibling_manifest(urls: tuple[str, ...]) -> ShardSource:
     """Counts for a local pattern from a manifest beside the shards, when it lists them all."""
-    if urls[0].startswith("pipe:") or "://" in urls[0]:
+    if not _is_local(urls[0]):
         return ShardSource(urls=urls)
     mpath = Path(urls[0]).parent / "manifest.json"
     if not mpath.is_file():

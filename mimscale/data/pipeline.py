@@ -231,8 +231,9 @@ def build_train_loader(
     Raises:
         ValueError: the epoch length is unknown (a bare pattern without ``samples_per_epoch``),
             too few samples for one batch, or fewer shards than readers in ``exact`` mode.
+        FileNotFoundError: nothing at ``data.train`` (one line naming the key and the path).
     """
-    source = resolve_source(data.train)
+    source = _resolve(data.train, "data.train")
     workers = max(1, data.num_workers)
     if data.epoch_mode == "resampled":
         n = data.samples_per_epoch or source.total
@@ -267,6 +268,14 @@ def build_train_loader(
         draft=data.draft,
     )
     return ShardLoader(spec, data.num_workers)
+
+
+def _resolve(spec: str, key: str) -> ShardSource:
+    """:func:`resolve_source`, with a missing path reported as one line naming the recipe key."""
+    try:
+        return resolve_source(spec)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{key}: {e}") from None
 
 
 def _check_exact(data: DataConfig, source: ShardSource, world_size: int, workers: int) -> None:
@@ -313,7 +322,8 @@ def build_eval_loader(
         A :class:`ShardLoader`; every rank gets the same ``batches_per_epoch``.
     """
     spec_text = data.val if source is None else source
-    src = resolve_source(spec_text)
+    key = "data.val" if source is None else "data.train" if source == data.train else "source"
+    src = _resolve(spec_text, key)
     if src.total is None:
         raise ValueError(
             f"evaluation needs per-shard counts: point {spec_text!r} at the shards' manifest.json"

@@ -301,3 +301,17 @@ def test_every_padding_and_replacement_row_is_flagged_invalid(
         assert len(invalid) == len(rows) - (1438 - 5)
     else:  # drawn with replacement: one invalid row per undecodable draw, each counted once
         assert len(invalid) == loader.shard_errors > 0
+
+
+@pytest.mark.parametrize(
+    "where", ["in1k-train", "in1k-train/manifest.json", "in1k-train/x-{000000..000003}.tar"]
+)
+def test_missing_data_path_is_one_line_naming_the_key_and_path(tmp_path: Path, where: str) -> None:
+    path = str(tmp_path / where)
+    with pytest.raises(FileNotFoundError) as e:
+        _loader(path, workers=0)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("data.train: ") and str(tmp_path / "in1k-train") in msg
+    assert "mimscale prep-shards" in msg
+    with pytest.raises(FileNotFoundError, match=r"^data\.val: "):
+        build_eval_loader(DataConfig(val=path), img_size=32, batch_size=8, rank=0, world_size=1)
