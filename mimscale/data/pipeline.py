@@ -321,18 +321,16 @@ def build_eval_loader(
     Returns:
         A :class:`ShardLoader`; every rank gets the same ``batches_per_epoch``.
     """
-    spec_text = data.val if source is None else source
+    where = data.val if source is None else source
     key = "data.val" if source is None else "data.train" if source == data.train else "source"
-    src = _resolve(spec_text, key)
-    if src.total is None:
-        raise ValueError(
-            f"evaluation needs per-shard counts: point {spec_text!r} at the shards' manifest.json"
-        )
+    shards = _resolve(where, key)
+    if shards.total is None:
+        raise ValueError(f"evaluation needs per-shard counts: point {where!r} at the shards' manifest.json")
     # More readers than samples would only make padding: cap the workers at what has data.
-    workers = max(1, min(data.num_workers, math.ceil(src.total / (world_size * batch_size))))
+    workers = max(1, min(data.num_workers, math.ceil(shards.total / (world_size * batch_size))))
     view = ViewConfig(size=img_size, crop="center", hflip=0.0, interpolation=data.views[0].interpolation)
     spec = EpochSpec(
-        source=src,
+        source=shards,
         views=(view,),
         mask=None,
         img_size=img_size,
@@ -343,7 +341,7 @@ def build_eval_loader(
         world_size=world_size,
         workers=workers,
         mode="eval",
-        batches_per_epoch=_exact_batches(src, world_size, workers, batch_size) * workers,
+        batches_per_epoch=_exact_batches(shards, world_size, workers, batch_size) * workers,
         shuffle_buffer=0,
         on_error=data.on_error,
         draft=data.draft,
