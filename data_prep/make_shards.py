@@ -4,12 +4,13 @@
     python data_prep/make_shards.py --src ... --out ... --short-side 256 --quality 90
     python data_prep/make_shards.py merge --out /shards/in1k-train   # after an array job
 
-All logic lives in :mod:`mimscale.data.shards`; ``--help`` lists every option.
+All logic lives in :mod:`mimscale.data.shards` (flags in :mod:`mimscale.data.shards_cli`);
+``--help`` lists every option.
 """
 
 import sys
 
-from mimscale.data.shards import main
+from mimscale.data.shards_cli import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

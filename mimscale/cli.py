@@ -105,7 +105,7 @@ def _delegate(module: str, argv: list[str]) -> int:
 # Subcommands that own their whole argument list (their own flags, e.g. `prep-shards --src`):
 # name -> (module with main(argv), help). Dispatched before argparse sees the flags.
 DELEGATED = {
-    "prep-shards": ("mimscale.data.shards", "ImageFolder / folder / list -> WebDataset shards"),
+    "prep-shards": ("mimscale.data.shards_cli", "ImageFolder / folder / list -> WebDataset shards"),
     "demo-data": ("mimscale.demo.data", "write the digits demo shards"),
     "eval": ("mimscale.eval.standalone", "kNN + linear probe (+ diagnostics) of a checkpoint"),
     "export": ("mimscale.eval.export", "checkpoint encoder -> timm-keyed .safetensors"),

@@ -26,7 +26,8 @@ class ViewConfig:
     """One augmented view of a sample (crop params are recorded for exact replay)."""
 
     size: int = 224
-    crop: Literal["rrc", "src", "center", "resize"] = "rrc"  # src = simple resized crop (LC-MAE)
+    # rrc: RandomResizedCrop; simple: LC-MAE's simple resized crop (short-side resize, padded crop)
+    crop: Literal["rrc", "simple", "center", "resize"] = "rrc"
     scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"

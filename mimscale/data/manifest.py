@@ -22,6 +22,7 @@ __all__ = [
 ]
 
 MANIFEST_FORMAT = "mimscale-shards/1"
+_HOW_TO_WRITE = "write shards with `mimscale prep-shards --src IMAGES --out DIR`, or `mimscale demo-data DIR`"
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,16 @@ class ShardSource:
         counts: samples per shard (same order), or None when no manifest was found.
         classes: class name -> index, when the manifest has labels.
         manifest: path of the manifest used, if any.
+        nbytes: size of each shard file in bytes, when the manifest records it.
+        sha256: hex digest of each shard file, when the manifest records it.
     """
 
     urls: tuple[str, ...]
     counts: tuple[int, ...] | None = None
     classes: dict[str, int] | None = None
     manifest: str | None = None
+    nbytes: tuple[int, ...] | None = None
+    sha256: tuple[str, ...] | None = None
 
     @property
     def total(self) -> int | None:
@@ -64,7 +69,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     if p.is_dir():
         p = p / "manifest.json"
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: no shard manifest here (write one with data_prep/make_shards.py)")
+        raise FileNotFoundError(f"{p}: no shard manifest here ({_HOW_TO_WRITE})")
     with open(p) as f:
         m = json.load(f)
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
@@ -75,6 +80,16 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     return m
 
 
+def _integrity(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-shard sizes and sha256 digests, when the manifest records them for every shard."""
+    out: dict[str, Any] = {}
+    if shards and all("bytes" in s for s in shards):
+        out["nbytes"] = tuple(int(s["bytes"]) for s in shards)
+    if shards and all(s.get("sha256") for s in shards):
+        out["sha256"] = tuple(str(s["sha256"]) for s in shards)
+    return out
+
+
 def _source_from_manifest(path: Path) -> ShardSource:
     m = read_manifest(path)
     base = path.parent if path.suffix == ".json" else path
@@ -83,6 +98,7 @@ def _source_from_manifest(path: Path) -> ShardSource:
         counts=tuple(int(s["count"]) for s in m["shards"]),
         classes=m.get("classes"),
         manifest=str(base / "manifest.json") if path.is_dir() else str(path),
+        **_integrity(m["shards"]),
     )
 
 
@@ -100,6 +116,7 @@ def resolve_source(spec: str) -> ShardSource:
 
     Raises:
         ValueError: an empty spec or a pattern that expands to nothing.
+        FileNotFoundError: a local path with nothing there (no manifest, directory or shard).
     """
     if not spec:
         raise ValueError(
@@ -113,12 +130,18 @@ def resolve_source(spec: str) -> ShardSource:
     urls = tuple(expand_urls(spec))
     if not urls:
         raise ValueError(f"{spec}: the shard pattern expands to no urls")
+    if _is_local(urls[0]) and not any(Path(u).exists() for u in urls):  # a wrong path, not a bad shard
+        raise FileNotFoundError(f"{spec}: no manifest, shard directory or shard file here ({_HOW_TO_WRITE})")
     return _attach_sibling_manifest(urls)
+
+
+def _is_local(url: str) -> bool:
+    return not (url.startswith("pipe:") or "://" in url)
 
 
 def _attach_sibling_manifest(urls: tuple[str, ...]) -> ShardSource:
     """Counts for a local pattern from a manifest beside the shards, when it lists them all."""
-    if urls[0].startswith("pipe:") or "://" in urls[0]:
+    if not _is_local(urls[0]):
         return ShardSource(urls=urls)
     mpath = Path(urls[0]).parent / "manifest.json"
     if not mpath.is_file():
@@ -127,12 +150,17 @@ def _attach_sibling_manifest(urls: tuple[str, ...]) -> ShardSource:
         m = read_manifest(mpath)
     except ValueError:
         return ShardSource(urls=urls)
-    counts = {s["name"]: int(s["count"]) for s in m["shards"]}
+    by_name = {s["name"]: s for s in m["shards"]}
     names = [Path(u).name for u in urls]
-    if not all(n in counts and Path(u).parent == mpath.parent for n, u in zip(names, urls, strict=True)):
+    if not all(n in by_name and Path(u).parent == mpath.parent for n, u in zip(names, urls, strict=True)):
         return ShardSource(urls=urls)
+    shards = [by_name[n] for n in names]
     return ShardSource(
-        urls=urls, counts=tuple(counts[n] for n in names), classes=m.get("classes"), manifest=str(mpath)
+        urls=urls,
+        counts=tuple(int(s["count"]) for s in shards),
+        classes=m.get("classes"),
+        manifest=str(mpath),
+        **_integrity(shards),
     )
 
 

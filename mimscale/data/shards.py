@@ -1,6 +1,6 @@
 """Write WebDataset shards (plus a manifest) from an ImageFolder tree, a flat folder or a CSV/TSV list.
 
-Usage (also ``python data_prep/make_shards.py``)::
+Usage (the command line lives in :mod:`mimscale.data.shards_cli`; also ``mimscale prep-shards``)::
 
     make_shards --src /data/imagenet/train --out /shards/in1k-train --shard-size 1000 --workers 16
     make_shards --src list.tsv --out /shards/x --short-side 256 --quality 90   # pre-resized
@@ -21,7 +21,6 @@ Design choices:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
@@ -38,8 +37,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mimscale.data.manifest import MANIFEST_FORMAT, write_manifest_files
+from mimscale.data.transforms import oriented_size, to_rgb
 
-__all__ = ["SourceItem", "list_source", "main", "make_shards", "merge_task_manifests", "plan_shards"]
+__all__ = ["SourceItem", "list_source", "make_shards", "merge_task_manifests", "plan_shards"]
 
 # PIL format -> extension under which the original bytes are stored (readers key on it).
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
@@ -181,10 +181,14 @@ def _target_size(w: int, h: int, max_side: int | None, short_side: int | None) -
 
 
 def _encode(item: SourceItem, settings: dict[str, Any]) -> tuple[str, bytes, dict[str, Any]]:
-    """Read, check and (optionally) pre-resize one image; returns (ext, bytes, json meta)."""
+    """Read, check and (optionally) pre-resize one image; returns (ext, bytes, json meta).
+
+    Sizes in the meta are those of the upright image (EXIF orientation applied), as training
+    decodes it; re-encoded images are stored upright and 16-bit ones scaled to 8 bits.
+    """
     data = Path(item.path).read_bytes()
     img = Image.open(io.BytesIO(data))
-    fmt, (w, h) = img.format, img.size
+    fmt, (w, h) = img.format, oriented_size(img)
     if settings["verify"]:
         img.load()  # full decode: catches truncated files that only have a valid header
     meta: dict[str, Any] = {"path": item.rel, "width": w, "height": h}
@@ -194,11 +198,12 @@ def _encode(item: SourceItem, settings: dict[str, Any]) -> tuple[str, bytes, dic
     img = Image.open(io.BytesIO(data))
     buf = io.BytesIO()
     if target is None:  # a format readers may not expect: store it losslessly as PNG
-        img.convert("RGB").save(buf, format="PNG")
+        to_rgb(img).save(buf, format="PNG")
         return "png", buf.getvalue(), {**meta, "reencoded": "png"}
     if fmt == "JPEG":
-        img.draft("RGB", target)  # DCT downscale to >= target first: much faster, same quality
-    img = img.convert("RGB").resize(target, Image.Resampling.BICUBIC)
+        stored = target if (w, h) == img.size else target[::-1]  # draft works on the stored axes
+        img.draft("RGB", stored)  # DCT downscale to >= target first: much faster, same quality
+    img = to_rgb(img).resize(target, Image.Resampling.BICUBIC)
     img.save(buf, format="JPEG", quality=settings["quality"])
     meta.update(width=target[0], height=target[1], orig_width=w, orig_height=h)
     return "jpg", buf.getvalue(), meta
@@ -409,24 +414,35 @@ def make_shards(
         "settings": settings,
         "plan_id": plan_id,
     }
-    records = reused + written
-    if num_tasks == 1:
-        manifest = _manifest(base, records)
-        write_manifest_files(out_dir, manifest, split)
-        mpath = out_dir / "manifest.json"
-    else:
-        mpath = out_dir / f"manifest.task-{task_index:05d}-of-{num_tasks:05d}.json"
-        task = {
-            "format": TASK_FORMAT,
-            **base,
-            "task_index": task_index,
-            "num_tasks": num_tasks,
-            "num_shards_planned": len(plan),
-            "split": split,
-            "records": records,
-        }
-        mpath.write_text(json.dumps(task, indent=1) + "\n")
+    task = (task_index, num_tasks, len(plan))
+    mpath = _write_task_manifest(out_dir, base, reused + written, task, split)
     return _summary(written, reused, time.perf_counter() - t0, mpath)
+
+
+def _write_task_manifest(
+    out_dir: Path, base: dict[str, Any], records: list[dict[str, Any]], task: tuple[int, int, int], split: str
+) -> Path:
+    """The final manifest files (a single task) or this array task's manifest; returns its path.
+
+    Args:
+        task: ``(task_index, num_tasks, num_shards_planned)``.
+    """
+    task_index, num_tasks, planned = task
+    if num_tasks == 1:
+        write_manifest_files(out_dir, _manifest(base, records), split)
+        return out_dir / "manifest.json"
+    mpath = out_dir / f"manifest.task-{task_index:05d}-of-{num_tasks:05d}.json"
+    part = {
+        "format": TASK_FORMAT,
+        **base,
+        "task_index": task_index,
+        "num_tasks": num_tasks,
+        "num_shards_planned": planned,
+        "split": split,
+        "records": records,
+    }
+    mpath.write_text(json.dumps(part, indent=1) + "\n")
+    return mpath
 
 
 def _summary(written: list[dict], reused: list[dict], seconds: float, mpath: Path) -> dict[str, Any]:
@@ -476,78 +492,3 @@ def merge_task_manifests(out: str | os.PathLike[str]) -> dict[str, Any]:
         "shards": len(manifest["shards"]),
         "skipped": len(manifest["skipped"]),
     }
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _size(text: str) -> int:
-    """``"500M"`` / ``"2G"`` / ``"1000000"`` -> bytes."""
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    t = text.strip().upper().rstrip("B")
-    return int(float(t[:-1]) * mult[t[-1]]) if t and t[-1] in mult else int(t)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="make_shards",
-        description="Write WebDataset shards + manifest (`make_shards merge --out D` "
-        "merges the per-task manifests of an array job).",
-    )
-    p.add_argument(
-        "--src", required=True, help="ImageFolder root, flat folder, or .csv/.tsv list (path[,label])"
-    )
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--prefix", default=None, help="shard name prefix (default: the --out directory's name)")
-    p.add_argument("--shard-size", type=int, default=1000, help="max samples per shard (0: bytes only)")
-    p.add_argument("--shard-bytes", type=_size, default=None, help="max source bytes per shard, e.g. 1G")
-    p.add_argument("--max-side", type=int, default=None, help="pre-resize: longer side at most N")
-    p.add_argument("--short-side", type=int, default=None, help="pre-resize: shorter side at most N")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality of pre-resized images")
-    p.add_argument("--no-verify", action="store_true", help="check image headers only (no full decode)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="writer processes")
-    p.add_argument("--task-index", type=int, default=0, help="this array task (disjoint shard range)")
-    p.add_argument("--num-tasks", type=int, default=1, help="array size; >1 writes per-task manifests")
-    p.add_argument("--split", default="train", help="split name in timm's _info.json")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the item permutation (default 0)")
-    p.add_argument("--no-shuffle", action="store_true", help="keep the source's listing order")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (0 ok, 2 bad input)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv[:1] == ["merge"]:
-            mp = argparse.ArgumentParser(prog="make_shards merge")
-            mp.add_argument("--out", required=True)
-            print(json.dumps(merge_task_manifests(mp.parse_args(argv[1:]).out)))
-            return 0
-        a = _parser().parse_args(argv)
-        summary = make_shards(
-            a.src,
-            a.out,
-            prefix=a.prefix,
-            shard_size=a.shard_size or None,
-            shard_bytes=a.shard_bytes,
-            max_side=a.max_side,
-            short_side=a.short_side,
-            quality=a.quality,
-            verify=not a.no_verify,
-            workers=a.workers,
-            task_index=a.task_index,
-            num_tasks=a.num_tasks,
-            split=a.split,
-            shuffle_seed=None if a.no_shuffle else a.shuffle_seed,
-            progress=not a.no_progress,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        print(f"make_shards: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

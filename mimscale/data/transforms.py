@@ -1,6 +1,7 @@
 """Decode and augment one sample into several views, recording each view's crop exactly.
 
-Every view's geometry is a *crop record* of 7 floats, all in ORIGINAL image pixels::
+Every view's geometry is a *crop record* of 7 floats, all in ORIGINAL image pixels (of the
+upright image: EXIF orientation applied; 16-bit images are scaled to 8 bits)::
 
     (src_h, src_w, top, left, height, width, flip)
 
@@ -29,16 +30,19 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CENTER_CROP_FRACTION",
-    "SRC_PADDING",
+    "SIMPLE_CROP_PADDING",
     "augment_sample",
     "draft_factor",
     "replay_crop",
+    "oriented_size",
     "sample_crop",
     "to_chw",
+    "to_rgb",
 ]
 
 CENTER_CROP_FRACTION = 0.875  # eval: resize 256 / center-crop 224 (MAE FINETUNE.md)
-SRC_PADDING = 4  # LC-MAE SRC: RandomCrop(size, padding=4, reflect) after the short-side resize
+# LC-MAE's simple resized crop (SRC): RandomCrop(size, padding=4, reflect) after the short-side resize.
+SIMPLE_CROP_PADDING = 4
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
@@ -72,8 +76,8 @@ def _rrc_params(
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-def _src_geometry(src_h: int, src_w: int, size: int) -> tuple[float, int, int]:
-    """SRC: the short-side resize factor and the resized image size ``(f, rh, rw)``."""
+def _simple_crop_geometry(src_h: int, src_w: int, size: int) -> tuple[float, int, int]:
+    """Simple resized crop: the short-side resize factor and the resized image size ``(f, rh, rw)``."""
     f = size / min(src_h, src_w)
     return f, max(size, int(round(src_h * f))), max(size, int(round(src_w * f)))
 
@@ -93,9 +97,9 @@ def sample_crop(src_h: int, src_w: int, view: ViewConfig, rng: np.random.Generat
     if view.crop == "rrc":
         top, left, ch, cw = _rrc_params(src_h, src_w, view.scale, view.ratio, rng)
         box = (float(top), float(left), float(ch), float(cw))
-    elif view.crop == "src":
-        f, rh, rw = _src_geometry(src_h, src_w, view.size)
-        p = SRC_PADDING
+    elif view.crop == "simple":
+        f, rh, rw = _simple_crop_geometry(src_h, src_w, view.size)
+        p = SIMPLE_CROP_PADDING
         oy = int(rng.integers(0, rh + 2 * p - view.size + 1)) - p
         ox = int(rng.integers(0, rw + 2 * p - view.size + 1)) - p
         box = (oy / f, ox / f, view.size / f, view.size / f)  # may extend into the reflect pad
@@ -117,7 +121,7 @@ def draft_factor(record: Sequence[float], view: ViewConfig) -> int:
     upsamples a reduced image. Derived from the record alone so replays agree.
     """
     src_h, src_w, _, _, ch, cw, _ = (float(x) for x in record)
-    if view.crop == "src":
+    if view.crop == "simple":
         ch = cw = min(src_h, src_w)  # the whole image is resized so its short side = size
     for d in (8, 4, 2):
         if ch / d >= view.size and cw / d >= view.size:
@@ -125,15 +129,47 @@ def draft_factor(record: Sequence[float], view: ViewConfig) -> int:
     return 1
 
 
+_ORIENTATION = 0x0112  # EXIF tag; values 5-8 are transposed or rotated by 90 degrees
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a malformed EXIF block: keep the stored orientation
+        return 1
+
+
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of the image as displayed: after its EXIF orientation (header only)."""
+    w, h = img.size
+    return (h, w) if _orientation(img) in (5, 6, 7, 8) else (w, h)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Upright 8-bit RGB: EXIF orientation applied, 16-bit grayscale scaled to 8 bits.
+
+    ``convert("RGB")`` alone would clip a 16-bit PNG (mode ``I;16`` / ``I``) instead of
+    scaling it, and would leave a phone photo sideways.
+    """
+    if _orientation(img) != 1:
+        img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I"):  # 16-bit samples (I;16, I;16B, or I from older Pillow)
+        arr = np.asarray(img).astype(np.float64)
+        img = Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
 def _decode(data: bytes, factor: int) -> tuple[Image.Image, int]:
-    """Decode to RGB, with JPEG draft reduction ``factor``; returns (image, actual reduction)."""
+    """Decode to upright RGB, with JPEG draft reduction ``factor``; returns (image, actual reduction)."""
     img = Image.open(io.BytesIO(data))
-    src_w = img.size[0]
+    stored_w = img.size[0]
     if factor > 1 and img.format == "JPEG":
         img.draft(img.mode, (max(1, img.size[0] // factor), max(1, img.size[1] // factor)))
-    img = img.convert("RGB")
-    # The DCT reduction is an integer; the reduced width is ceil(src_w / d), so round the ratio.
-    return img, max(1, int(round(src_w / img.size[0])))
+        # The DCT reduction is an integer; the reduced width is ceil(w / d), so round the ratio.
+        reduction = max(1, int(round(stored_w / img.size[0])))
+    else:
+        reduction = 1
+    return to_rgb(img), reduction
 
 
 def _geometric(img: Image.Image, reduction: int, record: Sequence[float], view: ViewConfig) -> Image.Image:
@@ -141,9 +177,9 @@ def _geometric(img: Image.Image, reduction: int, record: Sequence[float], view: 
     src_h, src_w, top, left, ch, cw, flip = (float(x) for x in record)
     resample = _RESAMPLE[view.interpolation]
     s = view.size
-    if view.crop == "src":
-        f, rh, rw = _src_geometry(int(src_h), int(src_w), s)
-        p = SRC_PADDING
+    if view.crop == "simple":
+        f, rh, rw = _simple_crop_geometry(int(src_h), int(src_w), s)
+        p = SIMPLE_CROP_PADDING
         resized = np.asarray(img.resize((rw, rh), resample))
         padded = np.pad(resized, ((p, p), (p, p), (0, 0)), mode="reflect")
         oy, ox = int(round(top * f)) + p, int(round(left * f)) + p
@@ -171,7 +207,7 @@ def replay_crop(
         uint8 ``[3, size, size]``.
     """
     if isinstance(image, Image.Image):
-        img, reduction = image.convert("RGB"), 1
+        img, reduction = to_rgb(image), 1
     else:
         img, reduction = _decode(image, draft_factor(record, view) if draft else 1)
     return to_chw(_geometric(img, reduction, record, view))
@@ -228,8 +264,7 @@ def augment_sample(
     Raises:
         PIL.UnidentifiedImageError, OSError: when the bytes are not a decodable image.
     """
-    header = Image.open(io.BytesIO(data))
-    src_w, src_h = header.size
+    src_w, src_h = oriented_size(Image.open(io.BytesIO(data)))
     records = np.stack([sample_crop(src_h, src_w, v, rng) for v in views])
     decoded: dict[int, tuple[Image.Image, int]] = {}
     images = []

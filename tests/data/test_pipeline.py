@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import tarfile
 import warnings
@@ -17,7 +19,7 @@ from mimscale.data.manifest import read_manifest
 from mimscale.data.pipeline import ShardReadError, build_eval_loader, build_train_loader
 from mimscale.data.shards import make_shards
 
-VIEWS = [ViewConfig(size=32, scale=[0.5, 1.0]), ViewConfig(size=32, crop="src", color_jitter=0.4)]
+VIEWS = [ViewConfig(size=32, scale=[0.5, 1.0]), ViewConfig(size=32, crop="simple", color_jitter=0.4)]
 BLOCK = MaskConfig(kind="block", ratio=0.5, min_num_patches=4, repeats=2)
 
 
@@ -218,3 +220,98 @@ def test_epoch_position_semantics(digits: dict) -> None:
     assert loader.epoch == 1 and len(epoch1) == 3
     loader.set_epoch(5)
     assert [b["batch_index"] for b in loader] == [0, 1, 2] and loader.epoch == 5
+
+
+def _corrupt_samples(digits: dict, tmp_path: Path, where: dict[str, list[int]]) -> Path:
+    """A copy of the digits train shards with the images of some samples replaced by garbage."""
+    for p in Path(digits["train"]).parent.iterdir():
+        if p.is_file():
+            shutil.copy(p, tmp_path / p.name)
+    m = read_manifest(tmp_path / "manifest.json")
+    for name, positions in where.items():
+        shard = tmp_path / name
+        samples = list(wds.WebDataset(str(shard), shardshuffle=False))
+        for i in positions:
+            samples[i]["png"] = b"\x89PNG garbage"
+        with wds.TarWriter(str(shard), mtime=0) as w:
+            for s in samples:
+                w.write({k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"})
+        entry = next(s for s in m["shards"] if s["name"] == name)  # keep the manifest true to the files
+        entry["bytes"] = shard.stat().st_size
+        entry["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    return tmp_path / "manifest.json"
+
+
+BAD = {"digits-train-000000.tar": [3, 50, 100], "digits-train-000004.tar": [10, 200]}
+
+
+def test_shard_errors_is_the_exact_total_over_workers_epochs_and_resume(digits: dict, tmp_path: Path) -> None:
+    manifest = str(_corrupt_samples(digits, tmp_path, BAD))
+    none = MaskConfig(kind="none")
+    loaders = [_loader(manifest, rank=r, world=2, workers=2, epoch_mode="exact", mask=none) for r in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        runs = [list(ld) for ld in loaders]
+        # every undecodable sample is counted once, whichever rank and worker decoded it
+        first_epoch = [ld.shard_errors for ld in loaders]
+        assert sum(first_epoch) == 5 and all(len(r) == loaders[0].batches_per_epoch for r in runs)
+        for ld in loaders:  # the next epoch adds its own
+            list(ld)
+        assert sum(ld.shard_errors for ld in loaders) == 10
+        # interrupted and resumed mid-epoch: nothing counted twice, nothing lost
+        totals = []
+        for r in range(2):
+            first = _loader(manifest, rank=r, world=2, workers=2, epoch_mode="exact", mask=none)
+            it = iter(first)
+            for _ in range(5):
+                next(it)
+            state = first.state_dict()
+            first.close()
+            resumed = _loader(manifest, rank=r, world=2, workers=2, epoch_mode="exact", mask=none)
+            resumed.load_state_dict(state)
+            list(resumed)
+            totals.append(resumed.shard_errors)
+        assert totals == first_epoch
+
+
+@pytest.mark.parametrize("mode", ["exact", "resampled"])
+def test_every_padding_and_replacement_row_is_flagged_invalid(
+    digits: dict, tmp_path: Path, mode: str
+) -> None:
+    """``valid`` (bool ``[B]``) is False exactly for rows that are not a real, decoded sample."""
+    manifest = str(_corrupt_samples(digits, tmp_path, BAD))
+    bad_keys = set()
+    for name, positions in BAD.items():
+        keys = [s["__key__"] for s in wds.WebDataset(str(tmp_path / name), shardshuffle=False)]
+        bad_keys |= {keys[i] for i in positions}
+    kw = {"samples_per_epoch": 1438} if mode == "resampled" else {}
+    loader = _loader(manifest, workers=2, epoch_mode=mode, mask=MaskConfig(kind="none"), **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        batches = list(loader)
+    assert all(b["valid"].dtype == torch.bool and b["valid"].shape == (32,) for b in batches)
+    rows = [(k, v) for b in batches for k, v in zip(b["keys"], b["valid"].tolist(), strict=True)]
+    valid = [k for k, v in rows if v]
+    invalid = [k for k, v in rows if not v]
+    assert not bad_keys & set(valid)  # an undecodable sample is never a valid row
+    assert set(invalid) <= set(valid) | {""}  # every invalid row is a copy (or zeros), never a new sample
+    if mode == "exact":  # every decodable sample exactly once; everything else is flagged
+        assert sorted(valid) == sorted(_all_keys(manifest) - bad_keys)
+        assert len(invalid) == len(rows) - (1438 - 5)
+    else:  # drawn with replacement: one invalid row per undecodable draw, each counted once
+        assert len(invalid) == loader.shard_errors > 0
+
+
+@pytest.mark.parametrize(
+    "where", ["in1k-train", "in1k-train/manifest.json", "in1k-train/x-{000000..000003}.tar"]
+)
+def test_missing_data_path_is_one_line_naming_the_key_and_path(tmp_path: Path, where: str) -> None:
+    path = str(tmp_path / where)
+    with pytest.raises(FileNotFoundError) as e:
+        _loader(path, workers=0)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("data.train: ") and str(tmp_path / "in1k-train") in msg
+    assert "mimscale prep-shards" in msg
+    with pytest.raises(FileNotFoundError, match=r"^data\.val: "):
+        build_eval_loader(DataConfig(val=path), img_size=32, batch_size=8, rank=0, world_size=1)

@@ -8,13 +8,15 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from photo_folder import make_photo_folder
 from PIL import Image
 
 from mimscale.data import shards
 from mimscale.data.manifest import read_manifest, resolve_source
-from mimscale.data.shards import main, make_shards, merge_task_manifests
+from mimscale.data.shards import make_shards, merge_task_manifests
+from mimscale.data.shards_cli import main
 
 
 def _tar_members(path: Path) -> dict[str, bytes]:
@@ -211,3 +213,49 @@ def test_items_are_shuffled_across_classes_unless_asked_not_to(tmp_path: Path) -
     assert kept == sorted(kept) and shuffled != kept and sorted(shuffled) == kept
     assert shuffled == _cls_order(tmp_path / "b")  # the same seed gives the same shards
     assert read_manifest(tmp_path / "a")["settings"]["shuffle_seed"] == 0
+
+
+def _sample_metas(out: Path) -> dict[str, tuple[dict, bytes]]:
+    """source path -> (json meta, stored image bytes) over every shard of ``out``."""
+    found = {}
+    for s in read_manifest(out)["shards"]:
+        members = _tar_members(out / s["name"])
+        for k, v in members.items():
+            if k.endswith(".json"):
+                key = k.split(".")[0]
+                img = next(
+                    b for n, b in members.items() if n.startswith(key + ".") and n.endswith(("jpg", "png"))
+                )
+                found[json.loads(v)["path"]] = (json.loads(v), img)
+    return found
+
+
+@pytest.mark.parametrize("short_side", [None, 16])
+def test_exif_rotated_and_sixteen_bit_images_are_prepared_upright_and_unclipped(
+    tmp_path: Path, short_side: int | None
+) -> None:
+    from test_transforms import _exif_rotated_jpeg, _png16_gradient
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rotated, _ = _exif_rotated_jpeg()
+    (src / "phone.jpg").write_bytes(rotated)  # stored 48 wide x 24 high, displayed 24 x 48
+    (src / "scan16.png").write_bytes(_png16_gradient())  # 64 x 48, 16-bit
+    make_shards(src, tmp_path / "out", short_side=short_side, progress=False)
+    metas = _sample_metas(tmp_path / "out")
+    phone, phone_bytes = metas["phone.jpg"]
+    scan, scan_bytes = metas["scan16.png"]
+    if short_side is None:  # original bytes kept; sizes as displayed
+        assert (phone["width"], phone["height"]) == (24, 48) and phone_bytes == rotated
+    else:  # re-encoded upright: the stored pixels are 16 x 32, top red
+        assert (phone["width"], phone["height"], phone["orig_width"], phone["orig_height"]) == (
+            16,
+            32,
+            24,
+            48,
+        )
+        up = np.asarray(Image.open(io.BytesIO(phone_bytes)).convert("RGB")).astype(int)
+        assert up.shape == (32, 16, 3) and up[:8, :, 0].mean() > 200 and up[-8:, :, 2].mean() > 200
+        gray = np.asarray(Image.open(io.BytesIO(scan_bytes)).convert("L")).astype(int)
+        assert gray[:, 0].mean() < 10 and gray[:, -1].mean() > 245 and (gray == 255).mean() < 0.1
+    assert (scan["width"], scan["height"]) == (64, 48) or scan["orig_width"] == 64

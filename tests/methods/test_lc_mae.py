@@ -196,6 +196,6 @@ def test_recipe_checks(override: str, match: str) -> None:
 
 def test_one_view_is_refused(tmp_path) -> None:
     p = tmp_path / "r.yaml"
-    p.write_text(f"_base_: {TINY}\ndata: {{views: [{{size: 32, crop: src}}]}}\n")
+    p.write_text(f"_base_: {TINY}\ndata: {{views: [{{size: 32, crop: simple}}]}}\n")
     with pytest.raises(RecipeError, match=r"data\.views: LC-MAE needs 2 views, got 1"):
         load_recipe(p)

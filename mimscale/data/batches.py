@@ -1,0 +1,145 @@
+"""Making batches in a loader worker: decode, augment, pad and collate one worker's samples.
+
+A sample that cannot be decoded is replaced in its batch by a padding sample (``valid = False``),
+so batch boundaries never shift; see :mod:`mimscale.data.pipeline` for the epoch layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from mimscale.data.reader import (
+    MASK,
+    PAD,
+    SAMPLE,
+    SHUFFLE,
+    EpochSpec,
+    ErrorPolicy,
+    range_stream,
+    resampled_stream,
+    shuffled,
+)
+from mimscale.data.transforms import augment_sample
+from mimscale.masking import build_mask_generator
+
+__all__ = ["IMAGE_KEYS", "EpochDataset"]
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif", "ppm")
+
+
+class EpochDataset(torch.utils.data.IterableDataset):
+    """One epoch of one rank from position ``spec.start``; yields whole collated batches."""
+
+    def __init__(self, spec: EpochSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        spec = self.spec
+        info = torch.utils.data.get_worker_info()
+        first = spec.start + (info.id if info is not None else 0)
+        if first >= spec.batches_per_epoch:
+            return
+        worker, b = first % spec.workers, spec.batch_size
+        policy = ErrorPolicy(spec.on_error, spec.rank, worker)
+        if spec.mode == "resampled":
+            stream = resampled_stream(spec, worker, policy)
+        else:
+            stream = range_stream(spec, worker, policy)
+        if spec.mode != "eval":
+            stream = shuffled(stream, spec.shuffle_buffer, spec.rng(worker, SHUFFLE))
+        head: list[dict[str, Any]] = []  # the worker's first B samples: the padding pool
+
+        def take() -> dict[str, Any] | None:
+            sample = next(stream, None)
+            if sample is not None and len(head) < b:
+                head.append(sample)
+            return sample
+
+        for _ in range((first // spec.workers) * b):  # resume: read, never decode
+            take()
+        # Shard errors met while fast-forwarding were counted by the run that consumed those
+        # batches (the same raw reads): count from here on only, so a resumed total is exact.
+        policy.count = 0
+        masker = None
+        if spec.mask is not None:
+            grid = (spec.img_size // spec.patch_size,) * 2
+            masker = build_mask_generator(spec.mask, grid, spec.img_size, spec.patch_size)
+        for index in range(first, spec.batches_per_epoch, spec.workers):
+            samples = [take() for _ in range(b)]
+            yield self._collate(samples, index, worker, head, policy, masker)
+
+    def _decode(
+        self, sample: dict[str, Any], rng: np.random.Generator
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if key is None:
+            raise ValueError(f"no image entry (looked for {', '.join(IMAGE_KEYS)}); has {sorted(sample)}")
+        return augment_sample(sample[key], self.spec.views, rng, draft=self.spec.draft)
+
+    def _pad(self, head: list[dict[str, Any]], q: int, worker: int) -> tuple[Any, ...]:
+        """A padding sample for position ``q``: a decodable head sample, or zeros if none is."""
+        for t in range(len(head)):
+            s = head[(q + t) % len(head)]
+            try:
+                return (*self._decode(s, self.spec.rng(worker, PAD, q)), s["__key__"], _label(s))
+            except Exception:  # noqa: BLE001 - already counted when it was first decoded
+                continue
+        zeros = [np.zeros((3, v.size, v.size), np.uint8) for v in self.spec.views]
+        return zeros, np.zeros((len(self.spec.views), 7)), "", -1
+
+    def _collate(
+        self,
+        samples: list[dict[str, Any] | None],
+        index: int,
+        worker: int,
+        head: list[dict[str, Any]],
+        policy: ErrorPolicy,
+        masker: Any,
+    ) -> dict[str, Any]:
+        """Decode, augment and stack one batch; draw its masks (collate runs in the worker)."""
+        spec, b = self.spec, len(samples)
+        local = index // spec.workers
+        views = [np.empty((b, 3, v.size, v.size), np.uint8) for v in spec.views]
+        crops = np.zeros((b, len(spec.views), 7), np.float32)
+        labels, keys, valid = np.full(b, -1, np.int64), [""] * b, np.zeros(b, bool)
+        for i, s in enumerate(samples):
+            q = local * b + i  # position in this worker's stream: seeds the sample's augmentation
+            out = None
+            if s is not None:
+                try:
+                    out = (*self._decode(s, spec.rng(worker, SAMPLE, q)), s["__key__"], _label(s))
+                    valid[i] = True
+                except Exception as e:  # noqa: BLE001 - any undecodable sample: skip or fail by policy
+                    policy.bad_sample(s, e)
+            if out is None:
+                out = self._pad(head, q, worker)
+            images, crops[i], keys[i], labels[i] = out
+            for v, img in enumerate(images):
+                views[v][i] = img
+        batch: dict[str, Any] = {
+            "views": [torch.from_numpy(v) for v in views],
+            "crops": torch.from_numpy(crops),
+            "keys": keys,
+            "labels": torch.from_numpy(labels),
+            "valid": torch.from_numpy(valid),
+            "n_skipped": policy.count,
+            "batch_index": index,
+        }
+        if masker is not None:
+            rng = spec.rng(worker, MASK, local)
+            repeats = spec.mask.repeats if spec.mask is not None else 1
+            batch["mask"] = torch.from_numpy(np.stack([masker(rng) for _ in range(b * repeats)]))
+        return batch
+
+
+def _label(sample: dict[str, Any]) -> int:
+    return int(sample["cls"]) if "cls" in sample else -1
+
+
+def identity_collate(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
