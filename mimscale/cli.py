@@ -96,6 +96,7 @@ DELEGATED = {
     "finetune": ("mimscale.eval.finetune", "fine-tune a pre-trained encoder (method: finetune recipe)"),
     "linprobe": ("mimscale.eval.linprobe", "linear probe (MAE LARS protocol) of a pre-trained encoder"),
     "export": ("mimscale.eval.export", "checkpoint encoder -> timm-keyed .safetensors"),
+    "import-weights": ("mimscale.eval.import_weights", "official MAE/SimMIM/CAE v2/LUT weights -> run"),
     "diagnose": ("mimscale.eval.diagnostics", "attention distance, MTO heterogeneity, SV spectrum, RAUC"),
 }
 
