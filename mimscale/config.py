@@ -99,6 +99,7 @@ class ModelConfig:
     abs_pos: Literal["sincos", "none"] = "sincos"
     sincos_layout: Literal["mae", "cae"] = "mae"  # channel layout of the fixed table (METHODS.md §1.2)
     rel_pos_bias: Literal["none", "shared"] = "none"  # beit only (SimMIM uses shared)
+    init_from: str = ""  # run dir whose weights start a fresh run (e.g. from `mimscale import-weights`)
 
 
 @dataclass
