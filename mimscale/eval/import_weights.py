@@ -25,6 +25,10 @@ Encoder-only checkpoints (released pre-trained or fine-tuned encoders, with or w
 command lists what was left there. Any unknown, missing or shape-mismatched key is an error that
 lists them all, unless ``--allow unknown`` / ``--allow missing`` says otherwise (shapes never).
 Files are read with ``torch.load(weights_only=True)`` (or safetensors).
+
+To continue pre-training from the imported weights, start a new run with
+``model.init_from=RUN_DIR`` (fresh optimizer, schedule and data order from step 0; the imported
+run has no optimizer state to resume).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ImportReport", "convert_state_dict", "import_weights", "main", "read_official"]
+__all__ = ["ImportReport", "convert_state_dict", "import_weights", "init_from_run", "main", "read_official"]
 
 SOURCES = ("mae", "simmim", "cae_v2", "lut")
 DROP = object()  # a rule target: the key is known and deliberately not loaded
@@ -267,6 +271,34 @@ def _write_run(method: torch.nn.Module, recipe: Any, out: Path, report: ImportRe
     save_recipe(recipe, out / "recipe.yaml")
     (out / "import.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "checkpoints" / POINTER).write_text(tag_dir.name + "\n")
+
+
+def init_from_run(method: torch.nn.Module, path: str | Path) -> None:
+    """Load a run's weights (every key, strict) into a freshly built ``method``.
+
+    Used by ``model.init_from``. Stage-0 files are read with ``weights_only=True``; ZeRO
+    checkpoints are consolidated by :func:`mimscale.eval.ckpt.method_state_dict`.
+
+    Raises:
+        ValueError: the run's weights do not fit the recipe's model (names the run and the keys).
+    """
+    from mimscale.eval.ckpt import method_state_dict, resolve_checkpoint
+
+    ckpt_dir, tag = resolve_checkpoint(path)
+    stage0 = ckpt_dir / tag / "mp_rank_00_model_states.pt"
+    if stage0.is_file() and not any((ckpt_dir / tag).glob("*zero_pp_rank_*")):
+        sd = torch.load(stage0, map_location="cpu", weights_only=True)["module"]
+    else:
+        sd = method_state_dict(path)
+    try:
+        missing, unexpected = method.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"model.init_from: {ckpt_dir / tag} does not fit the recipe's model: {e}") from None
+    if missing or unexpected:
+        raise ValueError(
+            f"model.init_from: {ckpt_dir / tag} does not fit the recipe's model: "
+            f"missing {list(missing)}, unexpected {list(unexpected)}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
