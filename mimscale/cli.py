@@ -109,6 +109,7 @@ DELEGATED = {
     "demo-data": ("mimscale.demo.data", "write the digits demo shards"),
     "eval": ("mimscale.eval.standalone", "kNN + linear probe (+ diagnostics) of a checkpoint"),
     "export": ("mimscale.eval.export", "checkpoint encoder -> timm-keyed .safetensors"),
+    "import-weights": ("mimscale.eval.import_weights", "official MAE/SimMIM/CAE v2/LUT weights -> run"),
     "diagnose": ("mimscale.eval.diagnostics", "attention distance, MTO heterogeneity, SV spectrum, RAUC"),
 }
 

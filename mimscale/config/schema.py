@@ -82,6 +82,7 @@ class ModelConfig:
     abs_pos: Literal["sincos", "none"] = "sincos"
     sincos_layout: Literal["mae", "cae"] = "mae"  # channel layout of the fixed table (METHODS.md §1.2)
     rel_pos_bias: Literal["none", "shared"] = "none"  # beit only (SimMIM uses shared)
+    init_from: str = ""  # run dir whose weights start a fresh run (e.g. from `mimscale import-weights`)
 
 
 @dataclass
@@ -92,7 +93,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.05
-    wd_exclude: Literal["ndim1_bias", "ndim1_bias_tokens"] = "ndim1_bias"  # METHODS.md §6.8
+    wd_exclude: Literal["ndim1_bias", "ndim1_bias_tokens", "ndim1_bias_cls_pos"] = (
+        "ndim1_bias"  # METHODS.md §6.8
+    )
     layer_decay: float | None = None
     schedule: Literal["cosine", "multistep", "constant"] = "cosine"
     warmup_epochs: float = 0.0

@@ -41,9 +41,10 @@ class MetricLogger:
             f.write(json.dumps(record) + "\n")
         if console:
             print(console, flush=True)
-        if self.wandb is not None:
+        if self.wandb is not None:  # wall-clock "time" stays in the JSONL: wandb keeps its own clock
             self.wandb.log(
-                {k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"]
+                {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "time"},
+                step=record["step"],
             )
 
     def close(self) -> None:

@@ -91,6 +91,10 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         seed_everything(recipe.run.seed)  # identical initial weights on every rank
         method = build_method(recipe)
+        if recipe.model.init_from:  # e.g. an imported official checkpoint; a resume overrides it
+            from mimscale.eval.import_weights import init_from_run
+
+            init_from_run(method, recipe.model.init_from)
         seed_everything(recipe.run.seed + 1000 * (self.dist.rank + 1))  # per-rank dropout/drop-path
         t = recipe.train
         self.loader = build_train_loader(

@@ -21,7 +21,8 @@ def no_decay_names(model: nn.Module, rule: str) -> set[str]:
     Args:
         model: the method (only ``requires_grad`` parameters are considered).
         rule: ``ndim1_bias`` (MAE / timm ``add_weight_decay``: ndim <= 1 or ``.bias``) or
-            ``ndim1_bias_tokens`` (additionally cls/pos/mask tokens, as MAE fine-tuning).
+            ``ndim1_bias_tokens`` (additionally cls/pos/mask tokens, as MAE fine-tuning) or
+            ``ndim1_bias_cls_pos`` (additionally cls/pos tokens only, as SimMIM pre-training).
     """
     out = set()
     for name, p in model.named_parameters():
@@ -31,6 +32,8 @@ def no_decay_names(model: nn.Module, rule: str) -> set[str]:
             out.add(name)
         elif rule == "ndim1_bias_tokens" and name.split(".")[-1] in TOKEN_NAMES:
             out.add(name)
+        elif rule == "ndim1_bias_cls_pos" and name.split(".")[-1] in ("cls_token", "pos_embed"):
+            out.add(name)  # SimMIM pre-training: its mask token stays decayed (METHODS.md §6.8)
     return out
 
 

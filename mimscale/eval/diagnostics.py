@@ -110,11 +110,30 @@ def _attention_maps(encoder: torch.nn.Module, images: torch.Tensor) -> list[torc
     return [maps[k] for k in sorted(maps, key=lambda k: int(k.split(".")[1]))]
 
 
+def _show_progress(wanted: bool) -> bool:
+    """Progress bars only where asked, and only on rank 0 of a process group."""
+    import torch.distributed as dist
+
+    return wanted and not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+
 @torch.no_grad()
-def _measure(encoder: Any, images: torch.Tensor, what: list[str], seed: int, logit_scale) -> dict[str, Any]:
+def _measure(
+    encoder: Any, images: torch.Tensor, what: list[str], seed: int, logit_scale, progress: bool = False
+) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    res: dict[str, Any] = {}
+    for name in tqdm(what, desc="diagnose", unit="analysis", disable=not _show_progress(progress)):
+        res.update(_measure_one(encoder, images, name, seed, logit_scale))
+    return res
+
+
+def _measure_one(encoder: Any, images: torch.Tensor, name: str, seed: int, logit_scale) -> dict[str, Any]:
+    """One analysis (``name`` from :data:`ALL`) on one batch of images."""
     res: dict[str, Any] = {}
     layers = list(range(encoder.depth + 1))
-    if "attention_distance" in what:
+    if name == "attention_distance":
         dist = [
             attention_distance(a, encoder.grid, encoder.patch_size) for a in _attention_maps(encoder, images)
         ]
@@ -122,12 +141,12 @@ def _measure(encoder: Any, images: torch.Tensor, what: list[str], seed: int, log
             "per_head": [d.tolist() for d in dist],
             "mean": [d.mean().item() for d in dist],
         }
-    if "spectrum" in what:
+    if name == "spectrum":
         hidden = encoder(images, return_layers=layers).hidden
         spec = [singular_spectrum(h[:, 1:]) for h in hidden]
         res["spectrum"] = {"singular_values": [s.tolist() for s, _ in spec],
                            "effective_rank": [r.item() for _, r in spec]}  # fmt: skip
-    if "heterogeneity" in what:
+    if name == "heterogeneity":
         g = torch.Generator().manual_seed(seed)
         n = encoder.num_patches
         keep = max(1, round(n * 0.25))  # MAE's 75 % masking
@@ -147,32 +166,53 @@ def _measure(encoder: Any, images: torch.Tensor, what: list[str], seed: int, log
     return res
 
 
-def _plot(res: dict[str, Any], out_dir: Path) -> None:
+LAYER_AXIS = "layer (0 = embeddings, l = output of block l)"  # one numbering for every plot
+
+
+def _plot(res: dict[str, Any], out_dir: Path, label: str = "") -> dict[str, str]:
+    """One PNG per analysis; returns ``{name: title}``.
+
+    Every plot uses the same layer numbering (0 = the embeddings entering block 1, l = block l;
+    a block's attention belongs to layer l), integer layer ticks, and a title naming the run and
+    step when ``label`` gives them.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    titles = {}
     for name, data in res.items():
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
         if name == "attention_distance":
-            for layer, heads in enumerate(data["per_head"]):
-                ax.scatter([layer + 1] * len(heads), heads, s=8, color="tab:blue")
-            ax.set(xlabel="layer", ylabel="mean attention distance (px)")
+            for layer, heads in enumerate(data["per_head"], start=1):
+                ax.scatter([layer] * len(heads), heads, s=8, color="tab:blue", alpha=0.6,
+                           label="one head" if layer == 1 else None)  # fmt: skip
+            ax.plot(range(1, len(data["mean"]) + 1), data["mean"], color="black", marker="o", ms=3,
+                    label="mean over heads")  # fmt: skip
+            ax.set(xlabel=LAYER_AXIS, ylabel="mean attention distance (px)")
         elif name == "heterogeneity":
-            ax.plot(range(len(data["H"])), data["H"], marker="o")
-            ax.axhline(data["log_num_visible"], ls="--", color="gray", label="log |V| (uniform)")
-            ax.set(xlabel="layer (0 = input of block 1)", ylabel="heterogeneity H^l (nats)")
-            ax.legend()
+            ax.plot(range(len(data["H"])), data["H"], marker="o", label="H^l (mean over images)")
+            ax.axhline(data["log_num_visible"], ls="--", color="gray", label="log |V| (uniform attention)")
+            ax.set(xlabel=LAYER_AXIS, ylabel="heterogeneity H^l (nats)")
         elif name == "spectrum":
-            for layer, s in enumerate(data["singular_values"]):
-                ax.plot(range(1, len(s) + 1), [max(v, 1e-8) for v in s], label=f"layer {layer}")
-            ax.set(xlabel="index", ylabel="normalised singular value", yscale="log")
-            ax.legend(fontsize=6, ncol=2)
-        ax.set_title(name.replace("_", " "))
+            curves = data["singular_values"]
+            cmap = plt.get_cmap("viridis")
+            shown = {0, len(curves) // 2, len(curves) - 1}  # a readable legend: first, middle, last
+            for layer, s in enumerate(curves):
+                ax.plot(range(1, len(s) + 1), [max(v, 1e-8) for v in s], lw=1,
+                        color=cmap(layer / max(1, len(curves) - 1)),
+                        label=f"layer {layer}" if layer in shown else None)  # fmt: skip
+            ax.set(xlabel="singular value index", ylabel="s_i / s_1 (mean over images)", yscale="log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers and indices are integers
+        ax.legend(fontsize=7)
+        titles[name] = name.replace("_", " ") + (f" - {label}" if label else "")
+        ax.set_title(titles[name], fontsize=9)
         fig.tight_layout()
         fig.savefig(out_dir / f"{name}.png", dpi=120)
         plt.close(fig)
+    return titles
 
 
 def run_diagnostics(
@@ -184,10 +224,13 @@ def run_diagnostics(
     out_dir: str | Path | None = None,
     seed: int = 0,
     logit_scale: float | str = 1.0,
+    label: str = "",
+    progress: bool = False,
 ) -> dict[str, float]:
     """Run the encoder diagnostics on the first ``num_images`` images of ``source``.
 
-    Writes ``out_dir/<name>.json`` and ``out_dir/<name>.png`` for each analysis.
+    Writes ``out_dir/<name>.json`` and ``out_dir/<name>.png`` for each analysis; ``label``
+    (e.g. "run_x step 1000") goes into the plot titles; ``progress`` shows a tqdm bar (rank 0).
 
     Returns:
         Scalar summaries (``attn_dist_last``, ``heterogeneity_last``, ``eff_rank_last``) to log.
@@ -203,13 +246,13 @@ def run_diagnostics(
                                world_size=1, source=source)  # fmt: skip
     batch = next(iter(loader))
     images = normalize_uint8(batch["views"][0][batch["valid"]].to(device), next(encoder.parameters()).dtype)
-    res = _measure(encoder, images, list(what), seed, logit_scale)
+    res = _measure(encoder, images, list(what), seed, logit_scale, progress)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for name, data in res.items():
             (out / f"{name}.json").write_text(json.dumps({"num_images": images.shape[0], **data}) + "\n")
-        _plot(res, out)
+        _plot(res, out, label)
     summary = {}
     if "attention_distance" in res:
         summary["attn_dist_last"] = res["attention_distance"]["mean"][-1]
@@ -218,6 +261,15 @@ def run_diagnostics(
     if "spectrum" in res:
         summary["eff_rank_last"] = res["spectrum"]["effective_rank"][-1]
     return summary
+
+
+def run_label(ckpt: str | Path) -> str:
+    """``"<run name> step <n>"`` of a run / checkpoints / tag dir (for plot titles)."""
+    from mimscale.eval.ckpt import resolve_checkpoint
+
+    ckpt_dir, tag = resolve_checkpoint(ckpt)
+    step = int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else tag
+    return f"{ckpt_dir.parent.name} step {step}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     what = list(ALL) if args.what == "all" else [args.what]
     scale = args.logit_scale if args.logit_scale == "inv_sqrt_d" else float(args.logit_scale)
     summary = run_diagnostics(method.encoder, recipe, args.data or recipe.data.val, what, args.num_images,
-                              args.out, logit_scale=scale)  # fmt: skip
+                              args.out, logit_scale=scale, label=run_label(args.ckpt),
+                              progress=True)  # fmt: skip
     print(json.dumps({"out": args.out, **summary}))
     return 0

@@ -1,4 +1,4 @@
-"""``mimscale export CKPT OUT.safetensors``: the encoder with timm's key names.
+"""``mimscale export CKPT OUT.safetensors [--hf DIR]``: the encoder with timm's key names.
 
 The encoder's inner module is a real timm model, so its ``state_dict`` *is* the timm checkpoint
 (the fixed sin-cos ``pos_embed`` is stored as timm's ``pos_embed``; MIM-only parameters such as
@@ -13,6 +13,15 @@ keyword arguments stored in the file's metadata (``timm_kwargs``; printed by the
 ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=OUT, num_classes=0),
 **timm_kwargs)``: then every key loads strictly and ``model.forward_features(x)`` equals the
 mimscale encoder's output ``x`` (all tokens, after the final norm).
+
+The file's metadata also holds a ``pretrained_cfg`` that matches mimscale's evaluation
+preprocessing -- ImageNet mean/std (not the 0.5/0.5/0.5 of timm's augreg ``vit_*`` defaults), the
+input size, resize-256/centre-crop-224 (``crop_pct`` 0.875) and the view's interpolation -- and
+the pooling the run was probed with (``global_pool``: ``token`` for cls, ``avg`` for the mean of the
+normed patch tokens). Pass it as the overlay (``load_exported`` and the printed command do) and
+``timm.data.resolve_model_data_config(model)`` returns that preprocessing. ``--hf DIR`` also writes
+the Hugging Face layout through timm's own ``save_for_hf`` (``config.json`` + ``model.safetensors``),
+loadable with ``timm.create_model('local-dir:DIR', pretrained=True)``. Written files are 0644.
 """
 
 from __future__ import annotations
@@ -29,7 +38,51 @@ __all__ = ["export_encoder", "load_exported", "main"]
 PREFIX = "encoder.vit."
 
 
-def export_encoder(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
+def pretrained_cfg(recipe: Any) -> dict[str, Any]:
+    """The timm ``pretrained_cfg`` fields of mimscale's evaluation preprocessing for ``recipe``."""
+    from mimscale.data.transforms import CENTER_CROP_FRACTION
+    from mimscale.eval.features import IMAGENET_MEAN, IMAGENET_STD
+
+    size = recipe.model.img_size
+    views = getattr(recipe.data, "views", None)
+    return {
+        "input_size": [3, size, size],
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "crop_pct": CENTER_CROP_FRACTION,  # resize so a 0.875 centre crop lands on img_size
+        "crop_mode": "center",
+        "interpolation": views[0].interpolation if views else "bicubic",
+    }
+
+
+def probe_pool(recipe: Any) -> str:
+    """``cls`` or ``mean``: how the run's features were pooled (fine-tune head, else ``eval.pool``)."""
+    cfg = recipe.method_cfg
+    if recipe.method == "finetune" and cfg is not None:
+        return "mean" if cfg.pool == "avg" else "cls"
+    ev = recipe.eval
+    return getattr(ev, "pool", "cls") or "cls"
+
+
+def _pool_kwargs(arch: str, pool: str) -> dict[str, Any]:
+    """timm kwargs whose ``forward_head`` pools as mimscale did, keeping the same state-dict keys.
+
+    ``avg`` makes timm swap the final norm for an ``fc_norm`` after pooling unless ``fc_norm=False``
+    (VisionTransformer only); Beit has no such switch, so a mean-probed Beit keeps ``token`` pooling
+    in its kwargs and records ``pool: mean`` in the metadata.
+    """
+    if pool == "mean" and arch == "vit":
+        return {"global_pool": "avg", "fc_norm": False}
+    return {"global_pool": "token"}
+
+
+def _chmod_tree(*paths: Path) -> None:
+    for p in paths:
+        for f in [p] if p.is_file() else [q for q in p.rglob("*") if q.is_file()]:
+            f.chmod(0o644)  # group/world-readable, as any shared model file should be
+
+
+def export_encoder(ckpt: str | Path, out: str | Path, hf_dir: str | Path | None = None) -> dict[str, Any]:
     """Write the checkpoint's encoder as a timm-keyed safetensors file.
 
     Works from any ZeRO stage (consolidated by :func:`mimscale.eval.ckpt.method_state_dict`),
@@ -38,9 +91,11 @@ def export_encoder(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     Args:
         ckpt: run dir, checkpoints dir or tag dir.
         out: destination ``.safetensors``.
+        hf_dir: also write the Hugging Face layout (timm ``save_for_hf``) into this folder.
 
     Returns:
-        The metadata: ``timm_name``, ``timm_kwargs``, ``num_tensors``, ``source``.
+        The metadata: ``timm_name``, ``timm_kwargs``, ``pretrained_cfg``, ``pool``,
+        ``num_tensors``, ``source``.
 
     Raises:
         RuntimeError: the weights do not load strictly into the timm model they claim to be.
@@ -58,18 +113,29 @@ def export_encoder(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     if not weights:
         raise RuntimeError(f"{ckpt}: no '{PREFIX}*' weights in the checkpoint (is it a mimscale method?)")
     enc = ViTEncoder(recipe.model)
+    pool = probe_pool(recipe)
     kwargs = {k: v for k, v in enc.timm_kwargs.items() if k != "drop_path_rate"}
-    model = timm.create_model(enc.timm_name, **kwargs)
+    kwargs.update(_pool_kwargs(recipe.model.arch, pool))
+    cfg = pretrained_cfg(recipe)
+    model = timm.create_model(enc.timm_name, pretrained_cfg_overlay=dict(num_classes=0, **cfg), **kwargs)
     model.load_state_dict(weights, strict=True)  # refuse to write a file timm cannot load
     ckpt_dir, tag = resolve_checkpoint(ckpt)
     meta = {
         "timm_name": enc.timm_name,
         "timm_kwargs": kwargs,
+        "pretrained_cfg": cfg,
+        "pool": pool,
         "num_tensors": len(weights),
         "source": str(ckpt_dir / tag),
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out), metadata={k: json.dumps(v) for k, v in meta.items()})
+    _chmod_tree(Path(out))
+    if hf_dir is not None:
+        from timm.models import save_for_hf
+
+        save_for_hf(model, str(hf_dir), model_args=kwargs, safe_serialization=True)
+        _chmod_tree(Path(hf_dir))
     return meta
 
 
@@ -91,10 +157,11 @@ def load_exported(path: str | Path, pretrained_overlay: bool = True) -> torch.nn
     if "timm_name" not in meta:
         raise ValueError(f"{path}: no timm_name in the metadata (not written by mimscale export)")
     if pretrained_overlay:
-        overlay = dict(file=str(path), num_classes=0)
+        overlay = dict(file=str(path), num_classes=0, **meta.get("pretrained_cfg", {}))
         return timm.create_model(meta["timm_name"], pretrained=True, pretrained_cfg_overlay=overlay,
                                  **meta["timm_kwargs"])  # fmt: skip
-    model = timm.create_model(meta["timm_name"], **meta["timm_kwargs"])
+    overlay = dict(num_classes=0, **meta.get("pretrained_cfg", {}))
+    model = timm.create_model(meta["timm_name"], pretrained_cfg_overlay=overlay, **meta["timm_kwargs"])
     model.load_state_dict(load_file(str(path)), strict=True)
     return model
 
@@ -105,12 +172,16 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("ckpt", help="run dir, checkpoints dir or tag dir")
     p.add_argument("out", help="destination .safetensors")
+    p.add_argument("--hf", default=None, help="also write the Hugging Face layout into this folder")
     args = p.parse_args(argv)
-    meta = export_encoder(args.ckpt, args.out)
+    meta = export_encoder(args.ckpt, args.out, args.hf)
     kw = ", ".join(f"{k}={v!r}" for k, v in meta["timm_kwargs"].items())
+    cfg = ", ".join(f"{k}={v!r}" for k, v in meta["pretrained_cfg"].items())
     print(json.dumps({"out": str(args.out), **meta}))
     print(
         f"load: timm.create_model({meta['timm_name']!r}, pretrained=True, "
-        f"pretrained_cfg_overlay=dict(file={str(args.out)!r}, num_classes=0), {kw})"
+        f"pretrained_cfg_overlay=dict(file={str(args.out)!r}, num_classes=0, {cfg}), {kw})"
     )
+    if args.hf:
+        print(f"load: timm.create_model('local-dir:{args.hf}', pretrained=True)")
     return 0

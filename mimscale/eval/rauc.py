@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main", "rauc", "read_curve"]
+__all__ = ["main", "overlap", "rauc", "read_curve"]
+
+MIN_OVERLAP = 0.5  # below this share of the longer curve's span, RAUC compares too little to mean much
 
 
 def rauc(
@@ -62,6 +65,13 @@ def rauc(
     return float(num / den)
 
 
+def overlap(e1_points: Sequence[float], e2_points: Sequence[float]) -> float:
+    """The shared span of two curves' evaluation points over the longer curve's span, in [0, 1]."""
+    lo, hi = max(e1_points[0], e2_points[0]), min(e1_points[-1], e2_points[-1])
+    longest = max(e1_points[-1] - e1_points[0], e2_points[-1] - e2_points[0])
+    return max(0.0, hi - lo) / longest if longest > 0 else 0.0
+
+
 def read_curve(run_dir: str | Path, key: str, x: str = "step") -> tuple[list[float], list[float]]:
     """``(x values, key values)`` of the records of ``run_dir/metrics.jsonl`` that have ``key``.
 
@@ -84,7 +94,7 @@ def read_curve(run_dir: str | Path, key: str, x: str = "step") -> tuple[list[flo
     return xs, [p[1] for p in pts]
 
 
-def _plot(c1, c2, names, key: str, value: float, out: Path) -> None:
+def _plot(c1, c2, names, key: str, value: float, out: Path, x: str = "step") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,7 +103,7 @@ def _plot(c1, c2, names, key: str, value: float, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for (xs, ys), name in zip((c1, c2), names, strict=True):
         ax.plot(xs, ys, marker="o", label=name)
-    ax.set(xlabel="x", ylabel=key, title=f"RAUC = {value:.3f}")
+    ax.set(xlabel=x, ylabel=key, title=f"RAUC({names[0]}, {names[1]}) = {value:.3f}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -114,11 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     c1, c2 = read_curve(args.baseline, args.key, args.x), read_curve(args.compared, args.key, args.x)
     value = rauc(*c1, *c2, args.e1, args.e2)
+    shared = overlap(c1[0], c2[0])
+    if shared < MIN_OVERLAP:
+        msg = (f"warning: the two curves share only {100 * shared:.0f}% of their {args.x} range; RAUC "
+               "compares a short stretch (evaluate both runs over the same steps)")  # fmt: skip
+        print(msg, file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = {"rauc": value, "key": args.key, "x": args.x, "baseline": args.baseline, "compared": args.compared,
-           "baseline_curve": c1, "compared_curve": c2}  # fmt: skip
+           "overlap": shared, "baseline_curve": c1, "compared_curve": c2}  # fmt: skip
     (out / "rauc.json").write_text(json.dumps(res, indent=2) + "\n")
-    _plot(c1, c2, [Path(args.baseline).name, Path(args.compared).name], args.key, value, out / "rauc.png")
+    names = [Path(args.baseline).name, Path(args.compared).name]
+    _plot(c1, c2, names, args.key, value, out / "rauc.png", args.x)
     print(json.dumps({"rauc": value, "out": str(out)}))
     return 0

@@ -60,15 +60,20 @@ def feature_loss(
 
 @torch.no_grad()
 def cae_init_(module: nn.Module) -> None:
-    """CAE v2 init (METHODS.md §1.2): xavier-uniform on every Linear (zero bias), which overrides
-    the BEiT encoder init; the patch-embed conv gets trunc-normal(0.02)."""
-    for name, m in module.named_modules():
+    """CAE v2 init (METHODS.md §1.2): xavier-uniform on every Linear (zero bias), LayerNorm 1/0.
+
+    This is the top-level ``_init_weights`` of CAE's ``ContextAutoencoderViT`` and overrides the
+    BEiT init of the encoder's Linears; what it leaves -- the patch-embed conv, cls and mask tokens
+    at trunc-normal(0.02) cut at +-1 sigma -- comes from ``beit_init_`` and the regressor.
+    """
+    for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv2d) and name.endswith("patch_embed.proj"):
-            nn.init.trunc_normal_(m.weight, std=0.02)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 class CAEv2(Method):

@@ -35,7 +35,8 @@ def mlp_head(dim: int, hidden: int) -> nn.Sequential:
     """LUT ``_build_mlp`` with depth 2 (§3.3): Linear(no bias) -> BN -> ReLU -> Linear(no bias).
 
     ``[B, dim]`` -> ``[B, dim]``; no BN or activation after the last layer. Linear weights are
-    trunc-normal(0.02) [I: LUT's DINO-style init].
+    xavier-uniform: LUT builds its heads before MAE's ``initialize_weights``, whose xavier pass
+    reaches them (docs/methods.md §3.3).
     """
     head = nn.Sequential(
         nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
@@ -43,7 +44,7 @@ def mlp_head(dim: int, hidden: int) -> nn.Sequential:
     )  # fmt: skip
     for m in head:
         if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.xavier_uniform_(m.weight)
     return head
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimscale.models.pos_embed import cae_sincos_pos_embed
-from mimscale.models.vit import visible_ids
+from mimscale.models.vit import beit_trunc_normal_, visible_ids
 
 
 class CrossAttention(nn.Module):
@@ -119,7 +119,7 @@ class LatentRegressor(nn.Module):
         super().__init__()
         self.grid, self.dim = grid, dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        beit_trunc_normal_(self.mask_token, std=0.02)  # CAE: cut at +-1 sigma (docs/methods.md §1.2)
         # The regressor's own fixed table at its width, CAE layout, no cls slot (§1.2).
         self.register_buffer("pos_embed", cae_sincos_pos_embed(dim, grid, cls_token=False), persistent=False)
         rates = torch.linspace(0, drop_path, depth).tolist()

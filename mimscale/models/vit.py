@@ -9,6 +9,7 @@ reaches into its attributes (``patch_embed``, ``cls_token``, ``pos_embed``, ``bl
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
@@ -138,6 +139,37 @@ def mae_init_(module: nn.Module) -> None:
             nn.init.normal_(p, std=0.02)
 
 
+def beit_trunc_normal_(t: torch.Tensor, std: float = 0.02) -> torch.Tensor:
+    """BEiT / SimMIM / CAE ``trunc_normal_``: cut at +-1 sigma (``a=-std, b=std``), not timm's
+    +-2 absolute, so the effective std is ~0.54 std (~0.0108 for 0.02; docs/methods.md §1.2)."""
+    return nn.init.trunc_normal_(t, std=std, a=-std, b=std)
+
+
+@torch.no_grad()
+def beit_init_(encoder: nn.Module, std: float = 0.02) -> None:
+    """BEiT-style encoder init as SimMIM's and CAE's code (docs/methods.md §1.2).
+
+    Every Linear and Conv2d weight (the patch embedding included) and the cls / mask tokens get
+    :func:`beit_trunc_normal_`; biases 0; LayerNorm 1/0; then block l's attention ``proj`` and
+    MLP ``fc2`` weights are divided by ``sqrt(2 l)`` (BEiT ``fix_init_weight``). The fixed sin-cos
+    table and the (zero) relative position bias table are left alone.
+    """
+    for m in encoder.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            beit_trunc_normal_(m.weight, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for name, p in encoder.named_parameters():
+        if name.split(".")[-1] in ("cls_token", "mask_token"):
+            beit_trunc_normal_(p, std)
+    for i, blk in enumerate(encoder.vit.blocks):
+        blk.attn.proj.weight.div_(math.sqrt(2.0 * (i + 1)))
+        blk.mlp.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
+
+
 def _timm_kwargs(cfg: ModelConfig, dim: int, depth: int, heads: int) -> dict[str, Any]:
     common = dict(
         img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=dim, depth=depth, num_heads=heads,
@@ -205,10 +237,9 @@ class ViTEncoder(nn.Module):
             table = layout(dim, self.grid, cls_token=True)
             self.vit.pos_embed.data.copy_(table.unsqueeze(0))
             self.vit.pos_embed.requires_grad_(False)
-        if cfg.arch == "vit":
-            mae_init_(self)
-        elif self.mask_token is not None:
-            nn.init.trunc_normal_(self.mask_token, std=0.02)  # timm's Beit init handles the rest
+        # MAE-family encoders start as MAE's code; BEiT-style ones as SimMIM's / CAE's (timm's
+        # own Beit init cuts its trunc-normal at +-2 absolute, about twice their scale).
+        (mae_init_ if cfg.arch == "vit" else beit_init_)(self)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Checkpoint every block (torch.utils.checkpoint, non-reentrant)."""

@@ -118,3 +118,50 @@ def test_finetune_initialises_from_checkpoint_and_export(tmp_path) -> None:
     )
     with pytest.raises(Exception, match="does not match model"):
         build_method(bad)
+
+
+@pytest.mark.parametrize(
+    "recipe_file, overrides, pool",
+    [
+        ("recipes/mae/cpu_tiny.yaml", (), "token"),
+        ("recipes/mae/cpu_tiny.yaml", ("eval.pool=mean",), "avg"),
+        ("recipes/simmim/cpu_tiny.yaml", (), "token"),
+    ],
+)
+def test_pretrained_cfg_gives_mimscale_eval_preprocessing(tmp_path, recipe_file, overrides, pool) -> None:
+    import stat
+
+    import timm
+
+    from mimscale.eval.export import export_encoder, load_exported
+    from mimscale.eval.features import IMAGENET_MEAN, IMAGENET_STD, encode
+
+    run, method, r = fake_stage0_checkpoint(tmp_path, recipe_file, *overrides)
+    out, hf = tmp_path / "enc.safetensors", tmp_path / "hf"
+    meta = export_encoder(run, out, hf_dir=hf)
+    size = r.model.img_size
+    want = {
+        "input_size": (3, size, size),
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "crop_pct": 0.875,
+        "crop_mode": "center",
+        "interpolation": r.data.views[0].interpolation,
+    }
+    x = torch.randn(2, 3, size, size)
+    probe = "mean" if "eval.pool=mean" in overrides else "cls"
+    assert meta["pool"] == probe and meta["timm_kwargs"]["global_pool"] == pool
+    for model in (
+        load_exported(out),
+        load_exported(out, pretrained_overlay=False),
+        timm.create_model(f"local-dir:{hf}", pretrained=True),  # the Hugging Face layout
+    ):
+        cfg = timm.data.resolve_model_data_config(model)
+        got = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in cfg.items() if k in want}
+        assert got == {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in want.items()}
+        with torch.no_grad():
+            # the pooled features are the ones the run was probed with
+            assert torch.allclose(model.eval()(x), encode(method.encoder, x, probe), atol=1e-6)
+    assert {p.name for p in hf.iterdir()} >= {"config.json", "model.safetensors"}
+    for f in [out, *hf.iterdir()]:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
