@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from mimscale.config import RecipeError, load_recipe
+from mimscale.engine.safe_load import UnsafeCheckpointError
 
 REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.fn(args) or 0)
     except RecipeError as e:
         print(f"recipe error: {e}", file=sys.stderr)
+        return 2
+    except UnsafeCheckpointError as e:  # a checkpoint that would run code on load: one line, no trace
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
 

@@ -24,8 +24,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"recipe error: {e}", file=sys.stderr)
         return 2
     from mimscale.engine.loop import train
+    from mimscale.engine.safe_load import UnsafeCheckpointError
 
-    run_dir = train(recipe)
+    try:
+        run_dir = train(recipe)
+    except UnsafeCheckpointError as e:  # resume refused a checkpoint that would run code
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"[mimscale] done; run directory: {run_dir}", flush=True)
     return 0
 

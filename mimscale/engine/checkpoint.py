@@ -20,12 +20,19 @@ import torch
 
 from mimscale.config import Recipe, save_recipe
 from mimscale.engine.distributed import barrier
+from mimscale.engine.safe_load import load_file, safe_torch_load
 
 POINTER = "LATEST"
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain Python values (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "python": random.getstate(),  # (version, tuple of ints, float or None)
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -33,10 +40,24 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    if isinstance(keys, torch.Tensor):
+        keys = keys.numpy().astype(np.uint32)
+    np.random.set_state((kind, keys, pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _load_rng(path: Path) -> dict[str, Any]:
+    """This rank's RNG file, weights-only. Files written before the tensor format hold the numpy
+    state as an ``ndarray`` pickle: numpy's array reconstruction (data only) is allow-listed."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    legacy = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _reconstruct]
+    return load_file(path, extra_globals=legacy)
 
 
 def read_pointer(ckpt_dir: str | Path) -> str | None:
@@ -92,13 +113,19 @@ def save(
 def load(engine, ckpt_dir: str | Path, tag: str, rank: int) -> dict[str, Any]:
     """Load ``tag`` (model, optimizer, scheduler through DeepSpeed) and this rank's RNG state.
 
+    Every file is read with ``weights_only=True`` (:mod:`mimscale.engine.safe_load`).
+
     Returns:
         The client state saved with the checkpoint.
+
+    Raises:
+        UnsafeCheckpointError: a file holds more than tensors and plain data (nothing ran).
     """
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    with safe_torch_load():  # DeepSpeed reads with weights_only=False; we never do
+        path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"checkpoint {Path(ckpt_dir) / tag} could not be loaded by DeepSpeed")
     rng = Path(ckpt_dir) / tag / f"rng_rank{rank}.pt"
     if rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(_load_rng(rng))
     return client or {}
