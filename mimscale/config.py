@@ -382,6 +382,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def validate(r: Recipe) -> None:
     """Cross-field checks that a type alone cannot express."""
+    name = r.run.name
+    if not name.strip(".") or "/" in name or "\\" in name or ".." in name:
+        # run.name is a directory under run.out_dir: a separator or '..' would write elsewhere
+        raise RecipeError(f".run.name: {name!r} must be a plain directory name (no '/', '\\' or '..')")
     o = r.optim
     if (o.lr is None) == (o.blr is None):
         raise RecipeError(".optim.lr: give exactly one of optim.lr (absolute) and optim.blr (base)")
