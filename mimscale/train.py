@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as e:
         print(f"recipe error: {e}", file=sys.stderr)
         return 2
+    from mimscale.engine.checkpoint import CheckpointSpaceError
     from mimscale.engine.loop import train
     from mimscale.engine.safe_load import UnsafeCheckpointError
 
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     except UnsafeCheckpointError as e:  # resume refused a checkpoint that would run code
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except CheckpointSpaceError as e:  # disk full: the last complete checkpoint stays the resume point
+        print(f"error: {e.strerror}", file=sys.stderr)
+        return 1
     print(f"[mimscale] done; run directory: {run_dir}", flush=True)
     return 0
 

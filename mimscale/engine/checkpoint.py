@@ -9,6 +9,7 @@ so a kill at any point leaves the previous checkpoint as the resume point.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from mimscale.config import Recipe, save_recipe
-from mimscale.engine.distributed import barrier
+from mimscale.engine.distributed import all_true, barrier
 from mimscale.engine.safe_load import load_file, safe_torch_load
 
 POINTER = "LATEST"
@@ -87,6 +88,26 @@ def _prune(ckpt_dir: Path, keep_last: int, current: str, keep_steps: frozenset[i
             shutil.rmtree(p, ignore_errors=True)
 
 
+class CheckpointSpaceError(OSError):
+    """The device ran out of space while a checkpoint was written; the pointer did not move."""
+
+
+def _is_out_of_space(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    # torch's zip writer drops the errno: a short write surfaces as "unexpected pos N vs M"
+    # (measured on a full tmpfs) or "file write failed".
+    return "No space left" in text or "unexpected pos" in text or "file write failed" in text
+
+
+def _write_tag(engine, ckpt_dir: Path, tag: str, client_state: dict[str, Any], recipe: Recipe, rank: int):
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+    if rank == 0:
+        save_recipe(recipe, ckpt_dir / tag / "recipe.yaml")
+
+
 def save(
     engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], recipe: Recipe, rank: int
 ) -> str:
@@ -95,19 +116,51 @@ def save(
     Per-rank RNG states are written beside DeepSpeed's files (DeepSpeed's ``client_state``
     is stored once, by rank 0). Older tags beyond ``train.keep_last`` are pruned, except the
     steps listed in ``train.keep_steps``.
+
+    Raises:
+        CheckpointSpaceError: the device filled up on some rank. Every rank raises it; the
+            partial tag is removed (it would hold the space the next save needs) and ``LATEST``
+            still names the last complete checkpoint.
     """
     ckpt_dir = Path(ckpt_dir)
     tag = f"step{step:08d}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+    error: BaseException | None = None
+    try:
+        _write_tag(engine, ckpt_dir, tag, client_state, recipe, rank)
+    except (OSError, RuntimeError) as e:
+        if not _is_out_of_space(e):
+            raise
+        error = e
+    # every rank's files are on disk (or some rank failed) before the pointer moves
+    if all_true(error is None, engine.device) and rank == 0:
+        try:
+            _write_pointer(ckpt_dir, tag)
+        except OSError as e:
+            if not _is_out_of_space(e):
+                raise
+            error = e
+    if not all_true(error is None, engine.device):  # also the barrier after the pointer moved
+        raise _space_error(ckpt_dir, tag, rank, error)
     if rank == 0:
-        save_recipe(recipe, ckpt_dir / tag / "recipe.yaml")
-    barrier()  # every rank's files are on disk before the pointer moves
-    if rank == 0:
-        _write_pointer(ckpt_dir, tag)
         _prune(ckpt_dir, recipe.train.keep_last, tag, frozenset(recipe.train.keep_steps))
     barrier()
     return tag
+
+
+def _space_error(ckpt_dir: Path, tag: str, rank: int, cause: BaseException | None) -> CheckpointSpaceError:
+    """Remove the partial ``tag`` (rank 0) and say what happened, naming the directory."""
+    free = shutil.disk_usage(ckpt_dir).free / 2**20 if ckpt_dir.exists() else 0.0
+    previous = read_pointer(ckpt_dir)
+    if rank == 0 and tag != previous:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    where = f"{POINTER} still names {previous}" if previous else f"there is no {POINTER} checkpoint yet"
+    err = CheckpointSpaceError(
+        errno.ENOSPC,
+        f"no space left on device: checkpoint {tag} could not be written to {ckpt_dir} "
+        f"({free:.0f} MiB free); the partial {tag} was removed and {where}",
+    )
+    err.__cause__ = cause
+    return err
 
 
 def load(engine, ckpt_dir: str | Path, tag: str, rank: int) -> dict[str, Any]:
