@@ -275,7 +275,9 @@ class Trainer:
         lr = self.engine.get_lr()[0]
         ips = steps * self.r.train.global_batch / max(elapsed, 1e-9)
         eta = (stop - self.state.step) * elapsed / max(steps, 1)
-        skipped = sum(int(b.get("n_skipped", 0)) for b in micro)
+        skipped = torch.tensor([float(self.loader.shard_errors)], device=self.dist.device)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(skipped)  # the exact total: every worker, epoch and rank
         rec = {
             "step": self.state.step,
             "samples": self.state.samples,
@@ -283,7 +285,7 @@ class Trainer:
             "img_per_s": ips,
             "data_wait": wait / max(elapsed, 1e-9),
             "bad_steps": self.state.bad_steps,
-            "shard_errors": skipped,
+            "shard_errors": int(skipped.item()),
             **m,
         }
         terms = " ".join(f"{k} {v:.4f}" for k, v in m.items())
