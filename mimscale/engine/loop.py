@@ -17,7 +17,7 @@ from mimscale.config import Derived, Recipe, derive, save_recipe
 from mimscale.engine import checkpoint
 from mimscale.engine.distributed import DistInfo, all_true, init_distributed
 from mimscale.engine.logger import MetricLogger, format_eta
-from mimscale.engine.optim import use_bf16
+from mimscale.engine.optim import apply_recipe_lr, use_bf16
 from mimscale.engine.setup import (  # noqa: F401  (re-exported for tests and the bench)
     build_engine,
     build_target_provider,
@@ -141,8 +141,15 @@ class Trainer:
             return
         self._check_compatible(self.ckpt_dir / tag / "recipe.yaml")
         self._load(tag)
+        before, now = apply_recipe_lr(self.engine.lr_scheduler, self.r, self.d)  # a changed lr applies
         if self.dist.rank == 0:
             print(f"[mimscale] resumed from {self.ckpt_dir / tag} at step {self.state.step}", flush=True)
+            if abs(before - now) > 1e-9 * max(abs(before), abs(now)):
+                print(
+                    f"[mimscale] optim lr changed since the checkpoint: peak {before:.4g} -> {now:.4g}, "
+                    f"applied from step {self.state.step}",
+                    flush=True,
+                )
 
     def _check_compatible(self, saved: Path) -> None:
         """DeepSpeed's state layout depends on the ZeRO stage and the precision: say so plainly
@@ -275,9 +282,7 @@ class Trainer:
         lr = self.engine.get_lr()[0]
         ips = steps * self.r.train.global_batch / max(elapsed, 1e-9)
         eta = (stop - self.state.step) * elapsed / max(steps, 1)
-        skipped = torch.tensor([float(self.loader.shard_errors)], device=self.dist.device)
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(skipped)  # the exact total: every worker, epoch and rank
+        skipped = sum(int(b.get("n_skipped", 0)) for b in micro)
         rec = {
             "step": self.state.step,
             "samples": self.state.samples,
@@ -285,7 +290,7 @@ class Trainer:
             "img_per_s": ips,
             "data_wait": wait / max(elapsed, 1e-9),
             "bad_steps": self.state.bad_steps,
-            "shard_errors": int(skipped.item()),
+            "shard_errors": skipped,
             **m,
         }
         terms = " ".join(f"{k} {v:.4f}" for k, v in m.items())
