@@ -177,8 +177,8 @@ class Trainer:
     def _load(self, tag: str, restore_data: bool = True) -> None:
         client = checkpoint.load(self.engine, self.ckpt_dir, tag, self.dist.rank)
         self.state.step = client["step"]
-        self.state.samples = client["samples"]
-        if restore_data:
+        if restore_data:  # a NaN reload keeps the stream where it is, so the count stays too
+            self.state.samples = client["samples"]
             self.loader.load_state_dict(client["data"])
             self.state.bad_steps = client.get("bad_steps", 0)
 
