@@ -124,6 +124,8 @@ def save(
     """
     ckpt_dir = Path(ckpt_dir)
     tag = f"step{step:08d}"
+    if read_pointer(ckpt_dir) == tag:  # a resume at its final step: that checkpoint is this state
+        return tag
     error: BaseException | None = None
     try:
         _write_tag(engine, ckpt_dir, tag, client_state, recipe, rank)
@@ -163,10 +165,49 @@ def _space_error(ckpt_dir: Path, tag: str, rank: int, cause: BaseException | Non
     return err
 
 
+def saved_world_size(tag_dir: str | Path) -> int | None:
+    """The data-parallel world that wrote a ZeRO checkpoint (one optimizer shard per rank);
+    None for ZeRO-0, whose single file fits any world size."""
+    return len(list(Path(tag_dir).glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))) or None
+
+
+def to_universal(ckpt_dir: str | Path, tag: str, rank: int) -> Path:
+    """Convert ``tag`` to DeepSpeed's universal checkpoint on rank 0; return the load dir.
+
+    A universal checkpoint stores every parameter and its optimizer state whole
+    (``zero/<name>/``), so any number of ranks can take their partitions from it. DeepSpeed's
+    converter (``deepspeed.checkpoint.ds_to_universal``) runs in this process with its file reads
+    weights-only; the result goes to ``checkpoints/universal/<tag>`` (removed after loading: the
+    next checkpoint is written by the new world). Collective: call on every rank.
+    """
+    from types import SimpleNamespace
+
+    out = Path(ckpt_dir) / "universal"
+    if rank == 0:
+        from deepspeed.checkpoint.ds_to_universal import main as convert
+
+        shutil.rmtree(out, ignore_errors=True)  # a conversion killed half-way
+        out.mkdir()
+        args = SimpleNamespace(
+            input_folder=str(Path(ckpt_dir) / tag), output_folder=str(out / tag), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True,
+            inject_missing_state=True,  # the version marker Megatron adds; our files are plain ZeRO
+        )  # fmt: skip
+        with safe_torch_load():
+            convert(args)
+        for f in (Path(ckpt_dir) / tag).glob("rng_rank*.pt"):
+            shutil.copy2(f, out / tag / f.name)
+    barrier()
+    return out
+
+
 def load(engine, ckpt_dir: str | Path, tag: str, rank: int) -> dict[str, Any]:
     """Load ``tag`` (model, optimizer, scheduler through DeepSpeed) and this rank's RNG state.
 
-    Every file is read with ``weights_only=True`` (:mod:`mimscale.engine.safe_load`).
+    Every file is read with ``weights_only=True`` (:mod:`mimscale.engine.safe_load`). A ZeRO
+    checkpoint written by another number of ranks is converted to DeepSpeed's universal format
+    (:func:`to_universal`) and loaded from there; per-rank RNG states then come from the old
+    rank of the same index where there is one.
 
     Returns:
         The client state saved with the checkpoint.
@@ -174,11 +215,55 @@ def load(engine, ckpt_dir: str | Path, tag: str, rank: int) -> dict[str, Any]:
     Raises:
         UnsafeCheckpointError: a file holds more than tensors and plain data (nothing ran).
     """
-    with safe_torch_load():  # DeepSpeed reads with weights_only=False; we never do
-        path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    saved = saved_world_size(Path(ckpt_dir) / tag)
+    universal = saved is not None and saved != world
+    load_dir = to_universal(ckpt_dir, tag, rank) if universal else Path(ckpt_dir)
+    engine._config.load_universal_checkpoint = universal  # DeepSpeed reads it at load time only
+    try:
+        with safe_torch_load():  # DeepSpeed reads with weights_only=False; we never do
+            path, client = engine.load_checkpoint(str(load_dir), tag=tag)
+    finally:
+        engine._config.load_universal_checkpoint = False
     if path is None:
         raise RuntimeError(f"checkpoint {Path(ckpt_dir) / tag} could not be loaded by DeepSpeed")
-    rng = Path(ckpt_dir) / tag / f"rng_rank{rank}.pt"
+    rng = load_dir / tag / f"rng_rank{rank}.pt"
     if rng.is_file():
         _set_rng_state(_load_rng(rng))
+    if universal:
+        barrier()  # every rank has read it
+        if rank == 0:
+            shutil.rmtree(load_dir, ignore_errors=True)
     return client or {}
+
+
+def data_position(saved: dict[str, Any], now: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The loader position to resume from, re-split when the world size changed.
+
+    Guarantee: a run resumed on another number of ranks never reads again a sample it already
+    read in the interrupted epoch. The sample-to-rank layout of an epoch depends on the world
+    size, so the interrupted epoch cannot be continued on the new layout without repeating
+    samples: the unread rest of that epoch is skipped (said in the log, with its size) and the
+    next epoch starts at batch 0 on the new layout, where every sample is read exactly once as
+    usual. A position at an epoch boundary loses nothing. Same world size: the position is
+    returned unchanged (and an exact resume follows).
+
+    Args:
+        saved: the loader ``state_dict()`` in the checkpoint.
+        now: this run's loader ``state_dict()`` (its layout).
+
+    Returns:
+        ``(state for load_state_dict, a line for the log or None)``.
+    """
+    if saved.get("world_size", now["world_size"]) == now["world_size"]:
+        return saved, None
+    epoch, done, per_epoch = int(saved["epoch"]), int(saved["batches"]), int(saved["batches_per_epoch"])
+    line = f"world size {saved['world_size']} -> {now['world_size']}: "
+    if done == 0:
+        return {**now, "epoch": epoch, "batches": 0}, line + f"epoch {epoch} starts on the new layout"
+    skipped = max(0, per_epoch - done) * int(saved["batch_size"]) * int(saved["world_size"])
+    line += (
+        f"epoch {epoch} was {done}/{per_epoch} batches in; its {skipped} unread samples are skipped "
+        f"(never repeated), epoch {epoch + 1} starts on the new layout"
+    )
+    return {**now, "epoch": epoch + 1, "batches": 0}, line

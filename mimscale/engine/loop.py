@@ -179,7 +179,10 @@ class Trainer:
         self.state.step = client["step"]
         if restore_data:  # a NaN reload keeps the stream where it is, so the count stays too
             self.state.samples = client["samples"]
-            self.loader.load_state_dict(client["data"])
+            data, note = checkpoint.data_position(client["data"], self.loader.state_dict())
+            if note and self.dist.rank == 0:
+                print(f"[mimscale] {note}", flush=True)
+            self.loader.load_state_dict(data)
             self.state.bad_steps = client.get("bad_steps", 0)
 
     def save(self) -> str:
