@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mimscale.config import RecipeError
 from mimscale.config.paths import recipe_path
+from mimscale.engine.safe_load import UnsafeCheckpointError
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -167,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.fn(args) or 0)
     except RecipeError as e:
         print(f"recipe error: {e}", file=sys.stderr)
+        return 2
+    except UnsafeCheckpointError as e:  # a checkpoint that would run code on load: one line, no trace
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
 

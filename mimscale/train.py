@@ -24,9 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as e:
         print(f"recipe error: {e}", file=sys.stderr)
         return 2
+    from mimscale.engine.checkpoint import CheckpointSpaceError
     from mimscale.engine.loop import train
+    from mimscale.engine.safe_load import UnsafeCheckpointError
 
-    run_dir = train(recipe)
+    try:
+        run_dir = train(recipe)
+    except UnsafeCheckpointError as e:  # resume refused a checkpoint that would run code
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointSpaceError as e:  # disk full: the last complete checkpoint stays the resume point
+        print(f"error: {e.strerror}", file=sys.stderr)
+        return 1
     print(f"[mimscale] done; run directory: {run_dir}", flush=True)
     return 0
 

@@ -197,8 +197,9 @@ def validate(r: Recipe) -> None:
             f".data.views[0].size: {r.data.views[0].size} differs from model.img_size={r.model.img_size}"
         )
     name = r.run.name
-    if not name or "/" in name or "\\" in name or name in (".", ".."):
-        raise RecipeError(f".run.name: {name!r} must be a plain directory name (no path separators)")
+    if not name.strip(".") or "/" in name or "\\" in name or ".." in name:
+        # run.name is a directory under run.out_dir: a separator or '..' would write elsewhere
+        raise RecipeError(f".run.name: {name!r} must be a plain directory name (no '/', '\\' or '..')")
 
 
 def check_world_size(r: Recipe, world_size: int) -> None:

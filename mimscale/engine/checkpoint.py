@@ -9,6 +9,7 @@ so a kill at any point leaves the previous checkpoint as the resume point.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -19,13 +20,20 @@ import numpy as np
 import torch
 
 from mimscale.config import Recipe, save_recipe
-from mimscale.engine.distributed import barrier
+from mimscale.engine.distributed import all_true, barrier
+from mimscale.engine.safe_load import load_file, safe_torch_load
 
 POINTER = "LATEST"
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain Python values (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "python": random.getstate(),  # (version, tuple of ints, float or None)
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -33,10 +41,24 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    if isinstance(keys, torch.Tensor):
+        keys = keys.numpy().astype(np.uint32)
+    np.random.set_state((kind, keys, pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _load_rng(path: Path) -> dict[str, Any]:
+    """This rank's RNG file, weights-only. Files written before the tensor format hold the numpy
+    state as an ``ndarray`` pickle: numpy's array reconstruction (data only) is allow-listed."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    legacy = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _reconstruct]
+    return load_file(path, extra_globals=legacy)
 
 
 def read_pointer(ckpt_dir: str | Path) -> str | None:
@@ -66,6 +88,26 @@ def _prune(ckpt_dir: Path, keep_last: int, current: str, keep_steps: frozenset[i
             shutil.rmtree(p, ignore_errors=True)
 
 
+class CheckpointSpaceError(OSError):
+    """The device ran out of space while a checkpoint was written; the pointer did not move."""
+
+
+def _is_out_of_space(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    # torch's zip writer drops the errno: a short write surfaces as "unexpected pos N vs M"
+    # (measured on a full tmpfs) or "file write failed".
+    return "No space left" in text or "unexpected pos" in text or "file write failed" in text
+
+
+def _write_tag(engine, ckpt_dir: Path, tag: str, client_state: dict[str, Any], recipe: Recipe, rank: int):
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+    if rank == 0:
+        save_recipe(recipe, ckpt_dir / tag / "recipe.yaml")
+
+
 def save(
     engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], recipe: Recipe, rank: int
 ) -> str:
@@ -74,31 +116,154 @@ def save(
     Per-rank RNG states are written beside DeepSpeed's files (DeepSpeed's ``client_state``
     is stored once, by rank 0). Older tags beyond ``train.keep_last`` are pruned, except the
     steps listed in ``train.keep_steps``.
+
+    Raises:
+        CheckpointSpaceError: the device filled up on some rank. Every rank raises it; the
+            partial tag is removed (it would hold the space the next save needs) and ``LATEST``
+            still names the last complete checkpoint.
     """
     ckpt_dir = Path(ckpt_dir)
     tag = f"step{step:08d}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+    if read_pointer(ckpt_dir) == tag:  # a resume at its final step: that checkpoint is this state
+        return tag
+    error: BaseException | None = None
+    try:
+        _write_tag(engine, ckpt_dir, tag, client_state, recipe, rank)
+    except (OSError, RuntimeError) as e:
+        if not _is_out_of_space(e):
+            raise
+        error = e
+    # every rank's files are on disk (or some rank failed) before the pointer moves
+    if all_true(error is None, engine.device) and rank == 0:
+        try:
+            _write_pointer(ckpt_dir, tag)
+        except OSError as e:
+            if not _is_out_of_space(e):
+                raise
+            error = e
+    if not all_true(error is None, engine.device):  # also the barrier after the pointer moved
+        raise _space_error(ckpt_dir, tag, rank, error)
     if rank == 0:
-        save_recipe(recipe, ckpt_dir / tag / "recipe.yaml")
-    barrier()  # every rank's files are on disk before the pointer moves
-    if rank == 0:
-        _write_pointer(ckpt_dir, tag)
         _prune(ckpt_dir, recipe.train.keep_last, tag, frozenset(recipe.train.keep_steps))
     barrier()
     return tag
 
 
+def _space_error(ckpt_dir: Path, tag: str, rank: int, cause: BaseException | None) -> CheckpointSpaceError:
+    """Remove the partial ``tag`` (rank 0) and say what happened, naming the directory."""
+    free = shutil.disk_usage(ckpt_dir).free / 2**20 if ckpt_dir.exists() else 0.0
+    previous = read_pointer(ckpt_dir)
+    if rank == 0 and tag != previous:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    where = f"{POINTER} still names {previous}" if previous else f"there is no {POINTER} checkpoint yet"
+    err = CheckpointSpaceError(
+        errno.ENOSPC,
+        f"no space left on device: checkpoint {tag} could not be written to {ckpt_dir} "
+        f"({free:.0f} MiB free); the partial {tag} was removed and {where}",
+    )
+    err.__cause__ = cause
+    return err
+
+
+def saved_world_size(tag_dir: str | Path) -> int | None:
+    """The data-parallel world that wrote a ZeRO checkpoint (one optimizer shard per rank);
+    None for ZeRO-0, whose single file fits any world size."""
+    return len(list(Path(tag_dir).glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))) or None
+
+
+def to_universal(ckpt_dir: str | Path, tag: str, rank: int) -> Path:
+    """Convert ``tag`` to DeepSpeed's universal checkpoint on rank 0; return the load dir.
+
+    A universal checkpoint stores every parameter and its optimizer state whole
+    (``zero/<name>/``), so any number of ranks can take their partitions from it. DeepSpeed's
+    converter (``deepspeed.checkpoint.ds_to_universal``) runs in this process with its file reads
+    weights-only; the result goes to ``checkpoints/universal/<tag>`` (removed after loading: the
+    next checkpoint is written by the new world). Collective: call on every rank.
+    """
+    from types import SimpleNamespace
+
+    out = Path(ckpt_dir) / "universal"
+    if rank == 0:
+        from deepspeed.checkpoint.ds_to_universal import main as convert
+
+        shutil.rmtree(out, ignore_errors=True)  # a conversion killed half-way
+        out.mkdir()
+        args = SimpleNamespace(
+            input_folder=str(Path(ckpt_dir) / tag), output_folder=str(out / tag), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True,
+            inject_missing_state=True,  # the version marker Megatron adds; our files are plain ZeRO
+        )  # fmt: skip
+        with safe_torch_load():
+            convert(args)
+        for f in (Path(ckpt_dir) / tag).glob("rng_rank*.pt"):
+            shutil.copy2(f, out / tag / f.name)
+    barrier()
+    return out
+
+
 def load(engine, ckpt_dir: str | Path, tag: str, rank: int) -> dict[str, Any]:
     """Load ``tag`` (model, optimizer, scheduler through DeepSpeed) and this rank's RNG state.
 
+    Every file is read with ``weights_only=True`` (:mod:`mimscale.engine.safe_load`). A ZeRO
+    checkpoint written by another number of ranks is converted to DeepSpeed's universal format
+    (:func:`to_universal`) and loaded from there; per-rank RNG states then come from the old
+    rank of the same index where there is one.
+
     Returns:
         The client state saved with the checkpoint.
+
+    Raises:
+        UnsafeCheckpointError: a file holds more than tensors and plain data (nothing ran).
     """
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    saved = saved_world_size(Path(ckpt_dir) / tag)
+    universal = saved is not None and saved != world
+    load_dir = to_universal(ckpt_dir, tag, rank) if universal else Path(ckpt_dir)
+    engine._config.load_universal_checkpoint = universal  # DeepSpeed reads it at load time only
+    try:
+        with safe_torch_load():  # DeepSpeed reads with weights_only=False; we never do
+            path, client = engine.load_checkpoint(str(load_dir), tag=tag)
+    finally:
+        engine._config.load_universal_checkpoint = False
     if path is None:
         raise RuntimeError(f"checkpoint {Path(ckpt_dir) / tag} could not be loaded by DeepSpeed")
-    rng = Path(ckpt_dir) / tag / f"rng_rank{rank}.pt"
+    rng = load_dir / tag / f"rng_rank{rank}.pt"
     if rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(_load_rng(rng))
+    if universal:
+        barrier()  # every rank has read it
+        if rank == 0:
+            shutil.rmtree(load_dir, ignore_errors=True)
     return client or {}
+
+
+def data_position(saved: dict[str, Any], now: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The loader position to resume from, re-split when the world size changed.
+
+    Guarantee: a run resumed on another number of ranks never reads again a sample it already
+    read in the interrupted epoch. The sample-to-rank layout of an epoch depends on the world
+    size, so the interrupted epoch cannot be continued on the new layout without repeating
+    samples: the unread rest of that epoch is skipped (said in the log, with its size) and the
+    next epoch starts at batch 0 on the new layout, where every sample is read exactly once as
+    usual. A position at an epoch boundary loses nothing. Same world size: the position is
+    returned unchanged (and an exact resume follows).
+
+    Args:
+        saved: the loader ``state_dict()`` in the checkpoint.
+        now: this run's loader ``state_dict()`` (its layout).
+
+    Returns:
+        ``(state for load_state_dict, a line for the log or None)``.
+    """
+    if saved.get("world_size", now["world_size"]) == now["world_size"]:
+        return saved, None
+    epoch, done, per_epoch = int(saved["epoch"]), int(saved["batches"]), int(saved["batches_per_epoch"])
+    line = f"world size {saved['world_size']} -> {now['world_size']}: "
+    if done == 0:
+        return {**now, "epoch": epoch, "batches": 0}, line + f"epoch {epoch} starts on the new layout"
+    skipped = max(0, per_epoch - done) * int(saved["batch_size"]) * int(saved["world_size"])
+    line += (
+        f"epoch {epoch} was {done}/{per_epoch} batches in; its {skipped} unread samples are skipped "
+        f"(never repeated), epoch {epoch + 1} starts on the new layout"
+    )
+    return {**now, "epoch": epoch + 1, "batches": 0}, line

@@ -17,7 +17,7 @@ from mimscale.config import Derived, Recipe, derive, save_recipe
 from mimscale.engine import checkpoint
 from mimscale.engine.distributed import DistInfo, all_true, init_distributed
 from mimscale.engine.logger import MetricLogger, format_eta
-from mimscale.engine.optim import use_bf16
+from mimscale.engine.optim import apply_recipe_lr, use_bf16
 from mimscale.engine.setup import (  # noqa: F401  (re-exported for tests and the bench)
     build_engine,
     build_target_provider,
@@ -145,8 +145,15 @@ class Trainer:
             return
         self._check_compatible(self.ckpt_dir / tag / "recipe.yaml")
         self._load(tag)
+        before, now = apply_recipe_lr(self.engine.lr_scheduler, self.r, self.d)  # a changed lr applies
         if self.dist.rank == 0:
             print(f"[mimscale] resumed from {self.ckpt_dir / tag} at step {self.state.step}", flush=True)
+            if abs(before - now) > 1e-9 * max(abs(before), abs(now)):
+                print(
+                    f"[mimscale] optim lr changed since the checkpoint: peak {before:.4g} -> {now:.4g}, "
+                    f"applied from step {self.state.step}",
+                    flush=True,
+                )
 
     def _check_compatible(self, saved: Path) -> None:
         """DeepSpeed's state layout depends on the ZeRO stage and the precision: say so plainly
@@ -174,9 +181,12 @@ class Trainer:
     def _load(self, tag: str, restore_data: bool = True) -> None:
         client = checkpoint.load(self.engine, self.ckpt_dir, tag, self.dist.rank)
         self.state.step = client["step"]
-        self.state.samples = client["samples"]
-        if restore_data:
-            self.loader.load_state_dict(client["data"])
+        if restore_data:  # a NaN reload keeps the stream where it is, so the count stays too
+            self.state.samples = client["samples"]
+            data, note = checkpoint.data_position(client["data"], self.loader.state_dict())
+            if note and self.dist.rank == 0:
+                print(f"[mimscale] {note}", flush=True)
+            self.loader.load_state_dict(data)
             self.state.bad_steps = client.get("bad_steps", 0)
 
     def save(self) -> str:

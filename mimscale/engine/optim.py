@@ -112,6 +112,31 @@ def build_optimizer(model: nn.Module, r: Recipe, d: Derived, device: torch.devic
     return opt, sched
 
 
+def apply_recipe_lr(sched: torch.optim.lr_scheduler.LambdaLR, r: Recipe, d: Derived) -> tuple[float, float]:
+    """After a checkpoint load, make this run's peak lr the one the schedule follows.
+
+    DeepSpeed restores the scheduler's ``base_lrs`` and the groups' current ``lr`` from the
+    checkpoint, so a resumed run would keep the saved run's peak lr while printing the
+    recipe's. A researcher who changes ``optim.lr``/``blr`` on resume wants the new value: the
+    base lrs become ``d.lr * lr_scale`` and the groups' lr is set for the restored step, so the
+    very next optimizer step already uses it. The schedule's shape (warmup, cosine) is this
+    run's ``lr_factor``, at the restored step.
+
+    Returns:
+        ``(peak lr saved in the checkpoint, peak lr now)``; equal when nothing changed.
+    """
+    opt = sched.optimizer
+    scale0 = opt.param_groups[0].get("lr_scale", 1.0)
+    before = sched.base_lrs[0] / scale0 if scale0 else d.lr
+    factor = lr_factor(sched.last_epoch, r, d)
+    sched.base_lrs = [d.lr * g.get("lr_scale", 1.0) for g in opt.param_groups]
+    for g, base in zip(opt.param_groups, sched.base_lrs, strict=True):
+        g["initial_lr"] = base
+        g["lr"] = base * factor
+    sched._last_lr = [g["lr"] for g in opt.param_groups]  # what get_last_lr() reports
+    return before, d.lr
+
+
 def use_bf16(r: Recipe, device: torch.device) -> bool:
     if r.train.precision == "auto":
         return device.type == "cuda"

@@ -41,7 +41,7 @@ PREFIX = "encoder.vit."
 def pretrained_cfg(recipe: Any) -> dict[str, Any]:
     """The timm ``pretrained_cfg`` fields of mimscale's evaluation preprocessing for ``recipe``."""
     from mimscale.data.transforms import CENTER_CROP_FRACTION
-    from mimscale.eval.features import IMAGENET_MEAN, IMAGENET_STD
+    from mimscale.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
     size = recipe.model.img_size
     views = getattr(recipe.data, "views", None)

@@ -42,12 +42,10 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """Consolidated fp32 weights of the latest checkpoint (DeepSpeed's own ZeRO tool)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """Consolidated fp32 weights of the latest checkpoint (DeepSpeed's ZeRO tool, weights-only reads)."""
+    from mimscale.eval.ckpt import method_state_dict
 
-    ckpt = run_dir / "checkpoints"
-    tag = (ckpt / "LATEST").read_text().strip()
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
+    return method_state_dict(run_dir)
 
 
 def keys(run_dir: Path, rank: int) -> list[str]:

@@ -133,8 +133,9 @@ def test_pretrained_cfg_gives_mimscale_eval_preprocessing(tmp_path, recipe_file,
 
     import timm
 
+    from mimscale.data.normalize import IMAGENET_MEAN, IMAGENET_STD
     from mimscale.eval.export import export_encoder, load_exported
-    from mimscale.eval.features import IMAGENET_MEAN, IMAGENET_STD, encode
+    from mimscale.eval.features import encode
 
     run, method, r = fake_stage0_checkpoint(tmp_path, recipe_file, *overrides)
     out, hf = tmp_path / "enc.safetensors", tmp_path / "hf"

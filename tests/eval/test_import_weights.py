@@ -68,17 +68,7 @@ def official_state_dict(source: str, method: torch.nn.Module) -> dict[str, torch
 
 def reload(run: Path, method_name: str) -> torch.nn.Module:
     """The imported run's method, as ``mimscale eval`` / ``export`` load it."""
-    if method_name != "lc_mae":
-        return load_method(run)[0]
-    # ckpt.method_state_dict casts every value with .float(), which the momentum copy's extra
-    # state (a dict) does not survive; read the same stage-0 file directly until that is fixed.
-    from mimscale.eval.ckpt import recipe_of
-    from mimscale.methods import build_method
-
-    method = build_method(recipe_of(run))
-    sd = torch.load(run / "checkpoints/step00000000/mp_rank_00_model_states.pt", weights_only=True)
-    method.load_state_dict(sd["module"], strict=True)
-    return method.eval()
+    return load_method(run)[0]
 
 
 CASES = [("mae", "mae"), ("simmim", "simmim"), ("cae_v2", "cae_v2"), ("lut", "lc_mae")]

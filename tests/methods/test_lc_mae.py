@@ -146,9 +146,9 @@ def test_loss_pieces_match_an_independent_recomputation(cross_view: bool) -> Non
     ref = recompute(method, batch, mask, mask2)
     assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5)
     assert out.loss.item() == pytest.approx(
-        (out.metrics["loss_pix"] + r.method_cfg.alpha * out.metrics["loss_gg"]).item(), rel=1e-6
+        (out.metrics["loss_pix"] + r.method_cfg.alpha * out.metrics["loss_guidance"]).item(), rel=1e-6
     )
-    assert 0.0 <= out.metrics["loss_gg"].item() <= 4.0
+    assert 0.0 <= out.metrics["loss_guidance"].item() <= 4.0
 
 
 def test_momentum_model_is_a_running_stats_copy_without_gradients() -> None:
