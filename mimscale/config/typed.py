@@ -30,7 +30,7 @@ def _describe(tp: Any) -> str:
         return f"a list of {_describe(inner)}"
     if tp is type(None):
         return "null"
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return f"a mapping ({tp.__name__})"
     return getattr(tp, "__name__", str(tp))
 
@@ -73,7 +73,7 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is type(None):
         if value is None:
             return None
-    elif dataclasses.is_dataclass(tp):
+    elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, dict):
             return build(tp, value, where)
     else:

@@ -28,10 +28,10 @@ POINTER = "LATEST"
 
 def _rng_state() -> dict[str, Any]:
     """Every RNG's state as tensors and plain Python values (loadable with ``weights_only=True``)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # the MT19937 tuple
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "numpy": (kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, cached),
         "python": random.getstate(),  # (version, tuple of ints, float or None)
     }
     if torch.cuda.is_available():
@@ -53,11 +53,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def _load_rng(path: Path) -> dict[str, Any]:
     """This rank's RNG file, weights-only. Files written before the tensor format hold the numpy
     state as an ``ndarray`` pickle: numpy's array reconstruction (data only) is allow-listed."""
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
-    legacy = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _reconstruct]
+    multiarray = getattr(np, "_core", None) or np.core  # numpy >= 2 moved it to _core
+    legacy = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), multiarray.multiarray._reconstruct]
     return load_file(path, extra_globals=legacy)
 
 

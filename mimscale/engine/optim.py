@@ -103,11 +103,10 @@ def build_optimizer(model: nn.Module, r: Recipe, d: Derived, device: torch.devic
                 ps = [p for p in g["params"] if (p.ndim > 1) == adapt]
                 if ps:
                     split.append({**g, "params": ps, "always_adapt": adapt})
-        opt = Lars(split, lr=d.lr, momentum=0.9)
+        opt: torch.optim.Optimizer = Lars(split, lr=d.lr, momentum=0.9)
     else:
-        opt = torch.optim.AdamW(
-            groups, lr=d.lr, betas=tuple(r.optim.betas), eps=r.optim.eps, fused=device.type == "cuda"
-        )
+        b1, b2 = r.optim.betas
+        opt = torch.optim.AdamW(groups, lr=d.lr, betas=(b1, b2), eps=r.optim.eps, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, r, d))
     return opt, sched
 

@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,7 @@ def heterogeneity_per_layer(hidden: list[torch.Tensor], mask: torch.Tensor, logi
 
 
 @torch.no_grad()
-def _attention_maps(encoder: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+def _attention_maps(encoder: Any, images: torch.Tensor) -> list[torch.Tensor]:
     """Per-layer attention probabilities through timm's ``AttentionExtract`` (hooks on a copy)."""
     from timm.utils import AttentionExtract
 
@@ -219,7 +220,7 @@ def run_diagnostics(
     encoder: Any,
     recipe: Any,
     source: str,
-    what: list[str] | tuple[str, ...] = ALL,
+    what: Sequence[str] = ALL,
     num_images: int = 64,
     out_dir: str | Path | None = None,
     seed: int = 0,

@@ -40,8 +40,8 @@ PREFIX = "encoder.vit."
 
 def pretrained_cfg(recipe: Any) -> dict[str, Any]:
     """The timm ``pretrained_cfg`` fields of mimscale's evaluation preprocessing for ``recipe``."""
-    from mimscale.data.transforms import CENTER_CROP_FRACTION
     from mimscale.data.normalize import IMAGENET_MEAN, IMAGENET_STD
+    from mimscale.data.transforms import CENTER_CROP_FRACTION
 
     size = recipe.model.img_size
     views = getattr(recipe.data, "views", None)

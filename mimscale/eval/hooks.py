@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from mimscale.config import EvalConfig
+from mimscale.methods.base import Method
 
 __all__ = ["EvalHook", "build_eval_hooks", "evaluate"]
 
@@ -38,7 +39,7 @@ def _loader(recipe: Any, source: str, cfg: EvalConfig, rank: int, world: int):
 
 
 @torch.no_grad()
-def _predict_top1(method: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype) -> float:
+def _predict_top1(method: Method, loader: Any, device: torch.device, dtype: torch.dtype) -> float:
     from mimscale.eval.features import all_gather_rows, normalize_uint8
 
     hits, counts = torch.zeros(1, device=device), torch.zeros(1, device=device)
@@ -52,7 +53,7 @@ def _predict_top1(method: torch.nn.Module, loader, device: torch.device, dtype: 
 
 
 def evaluate(
-    method: torch.nn.Module,
+    method: Method,
     recipe: Any,
     cfg: EvalConfig,
     device: torch.device,
@@ -154,7 +155,7 @@ class EvalHook:
         return res
 
     @contextmanager
-    def _eval_view(self, trainer: Any) -> Iterator[torch.nn.Module]:
+    def _eval_view(self, trainer: Any) -> Iterator[Method]:
         """The method in eval mode; under ZeRO-3 a plain copy holding the gathered weights."""
         module = trainer.method
         if trainer.r.train.zero_stage == 3:

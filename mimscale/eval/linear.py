@@ -69,6 +69,7 @@ def fit_linear_probe(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = LinearProbeHead(feats.shape[1], num_classes).to(feats.device)
+    assert head.bn.running_mean is not None and head.bn.running_var is not None  # track_running_stats
     head.bn.running_mean.copy_(feats.mean(dim=0))
     head.bn.running_var.copy_(feats.var(dim=0, unbiased=False))
     head.eval()

@@ -16,6 +16,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from mimscale.config import Recipe
+    from mimscale.models.vit import ViTEncoder
 
 
 class MethodOutput(NamedTuple):
@@ -58,11 +59,12 @@ class Method(nn.Module):
     needs_equal_mask_count: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = False  # the engine builds mimscale.teachers.build_provider(recipe)
     can_predict: ClassVar[bool] = False  # has a classifier: :meth:`predict` (eval.top1)
-    encoder: nn.Module
+    encoder: ViTEncoder
     # Set by a plug-in (MTO) to receive the mask-token stack's hidden states in ``aux``.
     return_stack_hidden: bool = False
 
-    def __init__(self) -> None:
+    def __init__(self, recipe: Recipe | None = None) -> None:
+        """Subclasses are built from the validated recipe: ``METHODS[name](recipe)``."""
         super().__init__()
         # Plug-ins attached by name (MTO); :meth:`finish` runs them on every forward's output.
         self.plugins = nn.ModuleDict()
@@ -126,5 +128,6 @@ class Method(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing on every submodule that supports it (encoder, decoders)."""
         for m in self.modules():
-            if m is not self and hasattr(m, "set_grad_checkpointing"):
-                m.set_grad_checkpointing(enable)
+            setter = getattr(m, "set_grad_checkpointing", None) if m is not self else None
+            if callable(setter):
+                setter(enable)

@@ -120,7 +120,9 @@ class Finetune(Method):
             self.head = nn.Linear(dim, cfg.num_classes)
             nn.init.trunc_normal_(self.head.weight, std=cfg.head_init_std)
             nn.init.zeros_(self.head.bias)
-        self._mixup, self._erase, self._randaug = None, None, None  # built lazily (timm)
+        self._mixup: Any = None  # built lazily (timm)
+        self._erase: Any = None
+        self._randaug: Any = None
 
     @classmethod
     def check_recipe(cls, recipe: Recipe) -> None:

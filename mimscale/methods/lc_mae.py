@@ -127,6 +127,7 @@ class LCMAE(Method):
         self.total_steps: int | None = None
         # Fixed per-position weights that hash a mask into the seed of the second view's draw.
         g = torch.Generator().manual_seed(0)
+        self.mask_hash: torch.Tensor
         self.register_buffer("mask_hash", torch.randint(0, 2**24, (self.encoder.num_patches,), generator=g),
                              persistent=False)  # fmt: skip
 

@@ -60,7 +60,7 @@ class MAEDecoder(nn.Module):
         table = mae_sincos_pos_embed(dim, grid, cls_token=True).unsqueeze(0)
         self.pos_embed = nn.Parameter(table, requires_grad=False)  # fixed, as MAE
         self.blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+            Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))  # type: ignore[arg-type]
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim, eps=1e-6)

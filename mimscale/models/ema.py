@@ -78,6 +78,8 @@ class MomentumCopy(nn.Module):
     buffers (``num_batches_tracked``) copied.
     """
 
+    shadow: nn.ModuleDict  # set with object.__setattr__: not a registered submodule
+
     def __init__(self, sources: dict[str, nn.Module]) -> None:
         super().__init__()
         shadow = nn.ModuleDict({k: copy.deepcopy(m) for k, m in sources.items()})

@@ -121,6 +121,7 @@ class LatentRegressor(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         beit_trunc_normal_(self.mask_token, std=0.02)  # CAE: cut at +-1 sigma (docs/methods.md §1.2)
         # The regressor's own fixed table at its width, CAE layout, no cls slot (§1.2).
+        self.pos_embed: torch.Tensor
         self.register_buffer("pos_embed", cae_sincos_pos_embed(dim, grid, cls_token=False), persistent=False)
         rates = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.ModuleList(RegressorBlock(dim, num_heads, mlp_ratio, layer_scale, r) for r in rates)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -98,7 +98,7 @@ def _equal_visible_count(mask: torch.Tensor) -> int:
 
 
 def run_blocks(
-    blocks: Sequence[nn.Module],
+    blocks: Iterable[nn.Module],
     x: torch.Tensor,
     keep: set[int],
     checkpointing: bool = False,
@@ -146,7 +146,7 @@ def beit_trunc_normal_(t: torch.Tensor, std: float = 0.02) -> torch.Tensor:
 
 
 @torch.no_grad()
-def beit_init_(encoder: nn.Module, std: float = 0.02) -> None:
+def beit_init_(encoder: ViTEncoder, std: float = 0.02) -> None:
     """BEiT-style encoder init as SimMIM's and CAE's code (docs/methods.md §1.2).
 
     Every Linear and Conv2d weight (the patch embedding included) and the cls / mask tokens get
@@ -224,8 +224,9 @@ class ViTEncoder(nn.Module):
             )
         self.arch = cfg.arch
         self.timm_kwargs = _timm_kwargs(cfg, dim, depth, heads)
-        self.timm_name = TIMM_NAMES[cfg.arch].get(cfg.size, TIMM_NAMES[cfg.arch].get("base"))
-        self.vit = (VisionTransformer if cfg.arch == "vit" else Beit)(**self.timm_kwargs)
+        self.timm_name: str = TIMM_NAMES[cfg.arch].get(cfg.size) or TIMM_NAMES[cfg.arch]["base"]
+        # typed Any: timm's VisionTransformer / Beit internals are touched only in this adapter
+        self.vit: Any = (VisionTransformer if cfg.arch == "vit" else Beit)(**self.timm_kwargs)
         self.embed_dim, self.depth, self.num_heads, self.patch_size = dim, depth, heads, cfg.patch_size
         self.grid = (cfg.img_size // cfg.patch_size, cfg.img_size // cfg.patch_size)
         self.num_patches = self.grid[0] * self.grid[1]
@@ -250,6 +251,7 @@ class ViTEncoder(nn.Module):
         x = self.vit.patch_embed(images)  # [B, N, D]
         if mode == "mask_token":
             # SimMIM (METHODS.md §1.4): x <- x * (1 - w) + m * w, before pos add and blocks.
+            assert mask is not None and self.mask_token is not None  # checked by _check
             w = mask.unsqueeze(-1).to(x.dtype)
             x = x * (1.0 - w) + self.mask_token.to(x.dtype) * w
         pos = self.vit.pos_embed  # [1, 1 + N, D] or None
@@ -257,6 +259,7 @@ class ViTEncoder(nn.Module):
             x = x + pos[:, 1:]
         if mode == "visible":
             # MAE: pos is added before the masked tokens are dropped (models_mae.forward_encoder).
+            assert mask is not None  # checked by _check
             ids = visible_ids(mask)
             x = torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         cls = self.vit.cls_token if pos is None else self.vit.cls_token + pos[:, :1]
