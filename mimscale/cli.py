@@ -8,54 +8,70 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from mimscale.config import RecipeError, load_recipe
-
-REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-
-
-def recipe_path(name: str) -> Path:
-    """A recipe path as given, or relative to the repository's ``recipes/``."""
-    p = Path(name)
-    return p if p.exists() else REPO_RECIPES / name
+from mimscale.recipe_paths import list_recipes, recipe_path  # noqa: F401  (recipe_path: used by tools)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate a recipe (and print the resolved YAML) without starting anything."""
+    """Validate a recipe and its paths (and print the resolved YAML) without starting anything."""
     import yaml
 
     r = load_recipe(recipe_path(args.recipe), args.overrides)
+    if args.run_dir:  # for scripts (slurm/pretrain.sbatch): where checkpoints will be
+        print(Path(r.run.out_dir) / r.run.name)
+        return 0
+    _preflight(r)
     print(yaml.safe_dump(r.to_dict(), sort_keys=False))
     return 0
+
+
+def _preflight(recipe) -> None:
+    from mimscale.preflight import check_paths
+
+    check_paths(recipe)
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """List the shipped recipes with their headers' first line."""
+    rows = list_recipes()
+    width = max(len(name) for name, _ in rows)
+    for name, summary in rows:
+        print(f"{name:<{width}}  {summary}")
+    return 0
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (the OS picks it), for a private rendezvous."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Validate, then run in this process or spawn ``--nproc`` ranks through a launcher."""
     path = recipe_path(args.recipe)
-    load_recipe(path, args.overrides)  # fail on a typo before any process is spawned
+    _preflight(load_recipe(path, args.overrides))  # fail on a typo or a missing path before any spawn
     if args.nproc <= 1:
         from mimscale.train import main as train_main
 
         return train_main([str(path), *args.overrides])
+    # A fixed default port makes two jobs on one node join each other's rendezvous.
     if args.launcher == "torchrun":
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={args.nproc}",
-            "-m",
-            "mimscale.train",
-        ]
+        rdzv = (  # --standalone: torchrun binds a free port itself
+            ["--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{args.master_port}"]
+            if args.master_port
+            else ["--standalone"]
+        )
+        cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, f"--nproc_per_node={args.nproc}"]
     else:
-        cmd = [
-            shutil.which("deepspeed") or "deepspeed",
-            f"--num_gpus={args.nproc}",
-            "--module",
-            "mimscale.train",
-        ]
+        port = args.master_port or free_port()
+        cmd = [shutil.which("deepspeed") or "deepspeed", f"--num_gpus={args.nproc}", f"--master_port={port}"]
+    cmd += ["--module", "mimscale.train"]
     return subprocess.call([*cmd, str(path), *args.overrides])
 
 
@@ -102,19 +118,25 @@ DELEGATED = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mimscale", description=__doc__)
+    p.add_argument("--version", action="version", version=f"mimscale {_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("train", help="train a recipe (one process, or --nproc ranks)")
-    s.add_argument("recipe")
+    s.add_argument("recipe", help="a recipe file, or a shipped recipe's name (mae/vit_b16)")
     s.add_argument("overrides", nargs="*", help="key.sub=value")
     s.add_argument("--nproc", type=int, default=1)
     s.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
+    s.add_argument("--master-port", type=int, default=0, help="rendezvous port (default: a free one)")
     s.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("check", help="validate a recipe and print it resolved")
+    s = sub.add_parser("check", help="validate a recipe and its data paths; print it resolved")
     s.add_argument("recipe")
     s.add_argument("overrides", nargs="*")
+    s.add_argument("--run-dir", action="store_true", help="print only the run directory")
     s.set_defaults(fn=cmd_check)
+
+    s = sub.add_parser("recipes", help="list the shipped recipes")
+    s.set_defaults(fn=cmd_recipes)
 
     s = sub.add_parser("demo", help="the whole path on a CPU in minutes (embedded digits data)")
     s.add_argument("--method", default="mae")
@@ -128,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_) in DELEGATED.items():  # listed for --help; dispatched in main()
         sub.add_parser(name, help=help_, add_help=False)
     return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mimscale")
+    except PackageNotFoundError:  # a source checkout on PYTHONPATH, never installed
+        from mimscale import __version__
+
+        return __version__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,66 @@
+"""Check every path a recipe reads before any process is spawned.
+
+A missing manifest or teacher file otherwise fails ~20 s later, once per rank, as a traceback.
+Here it is one line naming the key, the path and the command that makes it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mimscale.config import Recipe, RecipeError
+
+_MAKE_SHARDS = "make it with `mimscale prep-shards --src IMAGES --out DIR` (or `mimscale demo-data DIR`)"
+
+
+def _local_path(spec: str) -> Path | None:
+    """The local file or directory a data spec needs, or None for remote/pipe specs (not checked)."""
+    if spec.startswith("pipe:") or "://" in spec:
+        return None
+    if "{" in spec or "::" in spec:  # a brace / list pattern: its folder must exist
+        return Path(spec.split("::")[0].split("{")[0]).parent
+    return Path(spec)
+
+
+def data_problems(recipe: Recipe) -> list[str]:
+    """One line per data key whose path does not exist (empty optional keys are skipped)."""
+    keys = [("data.train", recipe.data.train, True), ("data.val", recipe.data.val, False)]
+    ev = recipe.extras.get("eval")
+    if ev is not None:
+        keys += [("eval.train", ev.train, False), ("eval.val", ev.val, False)]
+    out = []
+    for key, spec, required in keys:
+        if not spec:
+            if required:
+                out.append(f"{key}: empty; point it at the shards' manifest.json; {_MAKE_SHARDS}")
+            continue
+        p = _local_path(spec)
+        if p is not None and not p.exists():
+            out.append(f"{key}: {spec} does not exist; {_MAKE_SHARDS}")
+    return out
+
+
+def teacher_problems(recipe: Recipe) -> list[str]:
+    """A line when the method needs a teacher whose weights cannot be found on local disk."""
+    from mimscale.methods import METHODS
+
+    cfg = recipe.extras.get("teacher")
+    if cfg is None or cfg.allow_random or not getattr(METHODS[recipe.method], "needs_teacher", False):
+        return []
+    from mimscale.teachers import resolve_weights
+
+    found, looked = resolve_weights(cfg)
+    if found is not None:
+        return []
+    return [
+        f"teacher.pretrained: no weights for {cfg.kind}:{cfg.model} ({cfg.pretrained!r}); looked in: "
+        + "; ".join(looked)
+        + ". Give teacher.pretrained a weights file (tests / CPU demo: teacher.allow_random=true)"
+    ]
+
+
+def check_paths(recipe: Recipe) -> None:
+    """Raise one :class:`RecipeError` listing every missing data / teacher path of ``recipe``."""
+    problems = data_problems(recipe) + teacher_problems(recipe)
+    if problems:
+        raise RecipeError(f"{recipe.source}: " + "\n  ".join(problems))
