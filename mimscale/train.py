@@ -6,9 +6,16 @@ before DeepSpeed or any data worker starts.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from mimscale.config import RecipeError, load_recipe
+from mimscale.preflight import check_paths
+from mimscale.recipe_paths import recipe_path
+
+# Exit status of a run stopped early by a signal or the stop file, its checkpoint written:
+# EX_TEMPFAIL ("try again later"), so `mimscale train ... && next` does not run `next`.
+EXIT_STOPPED = 75
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,15 +25,28 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
+    rank0 = os.environ.get("RANK", "0") == "0"
     try:
-        recipe = load_recipe(argv[0], argv[1:])
+        recipe = load_recipe(recipe_path(argv[0]), argv[1:])
+        check_paths(recipe)
     except RecipeError as e:
-        print(f"recipe error: {e}", file=sys.stderr)
+        if rank0:  # one line, not one per rank
+            print(f"recipe error: {e}", file=sys.stderr)
         return 2
-    from mimscale.engine.loop import train
+    from mimscale.engine.loop import Trainer
 
-    run_dir = train(recipe)
-    print(f"[mimscale] done; run directory: {run_dir}", flush=True)
+    trainer = Trainer(recipe)
+    run_dir = trainer.fit()
+    if trainer.stopped_by is not None:
+        if trainer.dist.rank == 0:
+            print(
+                f"[mimscale] stopped by {trainer.stopped_by} after step {trainer.state.step}; checkpoint "
+                f"written; the same command resumes. Run directory: {run_dir}",
+                flush=True,
+            )
+        return EXIT_STOPPED
+    if trainer.dist.rank == 0:
+        print(f"[mimscale] done; run directory: {run_dir}", flush=True)
     return 0
 
 
