@@ -23,11 +23,12 @@ def _local_path(spec: str) -> Path | None:
 
 
 def data_problems(recipe: Recipe) -> list[str]:
-    """One line per data key whose path does not exist (empty optional keys are skipped)."""
-    keys = [("data.train", recipe.data.train, True), ("data.val", recipe.data.val, False)]
+    """One line per data key the run will read whose path does not exist."""
+    keys = [("data.train", recipe.data.train, True)]
     ev = recipe.extras.get("eval")
-    if ev is not None:
-        keys += [("eval.train", ev.train, False), ("eval.val", ev.val, False)]
+    if ev is not None and ev.enabled:  # only evaluation reads the labeled splits
+        keys += [("eval.train", ev.train, False)]
+        keys += [("eval.val", ev.val, False) if ev.val else ("data.val", recipe.data.val, False)]
     out = []
     for key, spec, required in keys:
         if not spec:

@@ -329,6 +329,15 @@ def _identity(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers outlive SIGTERM / SIGUSR1 sent to the whole process tree: the training process
+    finishes its step and saves (engine/distributed.py StopRequest), then closes the loader."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class ShardLoader:
     """An epoch-aware, resumable iterator over batches (the engine's data interface).
 
@@ -437,6 +446,7 @@ class ShardLoader:
                 # Its own generator: without one, creating the iterator draws from the global
                 # torch RNG, which a resumed run would see at a different point (drop-path).
                 generator=torch.Generator(),
+                worker_init_fn=_ignore_stop_signals,
             )
         for batch in source:
             if batch["batch_index"] != self._pos:  # the round-robin contract was broken
