@@ -1,0 +1,89 @@
+"""The launch surface of `mimscale`: recipes by name, `recipes`, `--version`, rendezvous ports,
+and the path check that runs before any process is spawned."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mimscale.cli import free_port, main
+from mimscale.config import RecipeError, load_recipe
+from mimscale.recipe_paths import list_recipes, recipe_path, recipes_root
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_recipes_resolve_by_name_and_by_path(tmp_path: Path, monkeypatch) -> None:
+    want = (REPO / "recipes/mae/vit_b16.yaml").resolve()
+    monkeypatch.chdir(tmp_path)  # outside the repository, as after `pip install .`
+    for name in ("mae/vit_b16", "mae/vit_b16.yaml", "recipes/mae/vit_b16.yaml"):
+        assert recipe_path(name).resolve() == want
+    own = tmp_path / "mine.yaml"
+    own.write_text("_base_: " + str(REPO / "recipes/_base/mae.yaml") + "\n")
+    assert recipe_path("mine.yaml") == Path("mine.yaml")  # a file here wins over a shipped name
+
+
+def test_missing_recipe_names_what_was_given_once(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError) as e:
+        recipe_path("recipes/mae/vit_b61.yaml")
+    msg = str(e.value)
+    assert msg.startswith("recipes/mae/vit_b61.yaml: recipe not found") and "recipes/recipes" not in msg
+    assert "mimscale recipes" in msg
+
+
+def test_recipes_lists_every_shipped_recipe_with_its_summary(capsys) -> None:
+    rows = dict(list_recipes())
+    files = [
+        p
+        for p in recipes_root().rglob("*.yaml")
+        if not p.relative_to(recipes_root()).parts[0].startswith("_")
+    ]
+    assert len(rows) == len(files) and "mae/vit_b16" in rows and "_base/mae" not in rows
+    assert rows["mae/vit_b16"].startswith("MAE")
+    assert main(["recipes"]) == 0
+    assert "mae/cpu_tiny" in capsys.readouterr().out
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith("mimscale 0.")
+
+
+def test_free_port_is_free_and_not_a_fixed_default() -> None:
+    ports = {free_port() for _ in range(5)}
+    assert 29500 not in ports and len(ports) > 1
+    with socket.socket() as s:
+        s.bind(("", ports.pop()))  # nobody holds it
+
+
+def test_train_refuses_missing_data_before_spawning(tmp_path: Path, capsys) -> None:
+    # --nproc 2 would start the deepspeed launcher: the path check must stop it first, in one line
+    rc = main(["train", "mae/cpu_tiny", "--nproc", "2", f"data.train={tmp_path}/none/manifest.json"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "data.train:" in err and f"{tmp_path}/none/manifest.json does not exist" in err
+    assert "mimscale prep-shards" in err and "Traceback" not in err
+
+
+def test_placeholder_paths_and_missing_teacher_file_are_named(tmp_path: Path) -> None:
+    from mimscale.preflight import data_problems, teacher_problems
+
+    r = load_recipe(REPO / "recipes/mae/vit_b16.yaml")
+    assert [p.split(":")[0] for p in data_problems(r)] == ["data.train"]
+    r = load_recipe(REPO / "recipes/mr_mae/cpu_tiny.yaml", [
+        f"data.train={tmp_path}", "teacher.allow_random=false", f"teacher.pretrained={tmp_path}/clip.pt"
+    ])  # fmt: skip
+    (problem,) = teacher_problems(r)
+    assert problem.startswith("teacher.pretrained:") and f"{tmp_path}/clip.pt" in problem
+
+
+def test_installed_command_reports_version() -> None:
+    out = subprocess.run(
+        ["python", "-m", "mimscale.cli", "--version"], capture_output=True, text=True, cwd=REPO
+    )
+    assert out.returncode == 0 and out.stdout.startswith("mimscale ")
