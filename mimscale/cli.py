@@ -152,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse a command line of the argparse-routed subcommands (train, check, demo, recipes)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides after a flag (`train R --nproc 8 a.b=c`): argparse leaves them over.
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -171,13 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench(argv[1:])
         if argv and argv[0] in DELEGATED:
             return _delegate(DELEGATED[argv[0]][0], argv[1:])
-        parser = build_parser()
-        args, extra = parser.parse_known_args(argv)
-        # Overrides after a flag (`train R --nproc 8 a.b=c`): argparse leaves them over.
-        if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
-            args.overrides += extra
-        elif extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args = parse_args(argv)
         return int(args.fn(args) or 0)
     except RecipeError as e:
         print(f"recipe error: {e}", file=sys.stderr)

@@ -86,11 +86,11 @@ def check_sbatch(argv: list[str]) -> None:
 
 
 def check_mimscale(argv: list[str]) -> None:
-    from mimscale.cli import DELEGATED, build_parser
+    from mimscale.cli import DELEGATED, parse_args
 
     cmd = argv[0]
     if cmd in ("train", "check"):
-        a = build_parser().parse_args(argv)
+        a = parse_args(argv)
         check_recipe([a.recipe, *a.overrides])
     elif cmd in ("finetune", "linprobe"):
         rest = [a for a in argv[1:] if not a.startswith("--nproc") and not a.isdigit()]
