@@ -264,7 +264,8 @@ class Trainer:
             if self.state.step % t.ckpt_every == 0 and self.state.step != stop:
                 self.save()
                 saved = self.state.step
-            if self.stop.agreed(self.dist.device):
+            # Checked every step (lost work <= one step); the same answer on every rank.
+            if self.state.step < stop and self.stop.agreed(self.dist.device):
                 self.stopped_by = self.stop.signal or "another rank's stop request"
                 break
         if saved != self.state.step:
