@@ -61,15 +61,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         return train_main([str(path), *args.overrides])
     # A fixed default port makes two jobs on one node join each other's rendezvous.
+    master_port = getattr(args, "master_port", 0)  # callers with their own parser may lack the flag
     if args.launcher == "torchrun":
         rdzv = (  # --standalone: torchrun binds a free port itself
-            ["--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{args.master_port}"]
-            if args.master_port
+            ["--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{master_port}"]
+            if master_port
             else ["--standalone"]
         )
         cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, f"--nproc_per_node={args.nproc}"]
     else:
-        port = args.master_port or free_port()
+        port = master_port or free_port()
         cmd = [shutil.which("deepspeed") or "deepspeed", f"--num_gpus={args.nproc}", f"--master_port={port}"]
     cmd += ["--module", "mimscale.train"]
     return subprocess.call([*cmd, str(path), *args.overrides])

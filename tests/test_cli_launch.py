@@ -87,3 +87,21 @@ def test_installed_command_reports_version() -> None:
         ["python", "-m", "mimscale.cli", "--version"], capture_output=True, text=True, cwd=REPO
     )
     assert out.returncode == 0 and out.stdout.startswith("mimscale ")
+
+
+def test_nproc_launch_gets_its_own_port(tmp_path: Path, monkeypatch) -> None:
+    """Two `mimscale train --nproc N` on one node must not share the launcher's default port."""
+    import mimscale.cli as cli
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    data = f"data.train={tmp_path}"
+    assert main(["train", "mae/cpu_tiny", "--nproc", "2", data]) == 0
+    assert main(["train", "mae/cpu_tiny", "--nproc", "2", data]) == 0
+    assert main(["train", "mae/cpu_tiny", "--nproc", "2", "--master-port", "29611", data]) == 0
+    assert main(["train", "mae/cpu_tiny", "--nproc", "2", "--launcher", "torchrun", data]) == 0
+    ports = [next(a for a in c if a.startswith("--master_port=")) for c in calls[:3]]
+    assert ports[0] != ports[1] and "--master_port=29500" not in ports and ports[2] == "--master_port=29611"
+    assert "--standalone" in calls[3]  # torchrun binds a free port itself
+    for c in calls:
+        assert c[c.index("--module") + 1] == "mimscale.train" and c[-1] == data
