@@ -36,6 +36,11 @@ def test_wandb_offline_writes_a_local_run(tmp_path: Path, monkeypatch) -> None:
     log.log({"step": 1, "loss": 0.5})
     log.close()
     assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline wandb run directory"
+    run_id = (tmp_path / "wandb_id").read_text().strip()
+    again = MetricLogger(r, tmp_path, rank=0)  # a restart of the same run directory
+    assert again.wandb.id == run_id
+    again.close()
+    assert all(d.name.endswith(run_id) for d in (tmp_path / "wandb").glob("offline-run-*"))
 
 
 def test_rewind_keeps_each_step_once_and_drops_a_torn_line(tmp_path: Path) -> None:
