@@ -73,7 +73,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         port = master_port or free_port()
         cmd = [shutil.which("deepspeed") or "deepspeed", f"--num_gpus={args.nproc}", f"--master_port={port}"]
     cmd += ["--module", "mimscale.train"]
-    return subprocess.call([*cmd, str(path), *args.overrides])
+    return launch([*cmd, str(path), *args.overrides])
+
+
+def launch(cmd: list[str]) -> int:
+    """Run a launcher in its own process group and pass SIGTERM / SIGUSR1 / SIGINT to the whole
+    group: every rank then saves and stops (a launcher alone would not forward SIGUSR1)."""
+    import signal
+
+    proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def forward(signum: int, frame: object) -> None:
+        os.killpg(proc.pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, forward)
+    return proc.wait()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

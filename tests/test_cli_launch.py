@@ -94,7 +94,7 @@ def test_nproc_launch_gets_its_own_port(tmp_path: Path, monkeypatch) -> None:
     import mimscale.cli as cli
 
     calls: list[list[str]] = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr(cli, "launch", lambda cmd: calls.append(cmd) or 0)
     data = f"data.train={tmp_path}"
     assert main(["train", "mae/cpu_tiny", "--nproc", "2", data]) == 0
     assert main(["train", "mae/cpu_tiny", "--nproc", "2", data]) == 0
@@ -105,3 +105,44 @@ def test_nproc_launch_gets_its_own_port(tmp_path: Path, monkeypatch) -> None:
     assert "--standalone" in calls[3]  # torchrun binds a free port itself
     for c in calls:
         assert c[c.index("--module") + 1] == "mimscale.train" and c[-1] == data
+
+
+CHILD = r"""
+import os, signal, subprocess, sys, time
+out = sys.argv[1]
+grand = subprocess.Popen([sys.executable, "-c", sys.argv[2], out + ".grand"])
+def got(signum, frame):
+    open(out, "w").write(signal.Signals(signum).name)
+    grand.wait()
+    sys.exit(75)
+signal.signal(signal.SIGUSR1, got)
+open(out + ".ready", "w").close()
+time.sleep(60)
+"""
+GRAND = r"""
+import signal, sys, time
+def got(signum, frame):
+    open(sys.argv[1], "w").write(signal.Signals(signum).name)
+    sys.exit(0)
+signal.signal(signal.SIGUSR1, got)
+open(sys.argv[1] + ".ready", "w").close()
+time.sleep(60)
+"""
+
+
+def test_launch_passes_signals_to_the_whole_launcher_group(tmp_path: Path) -> None:
+    """`mimscale train --nproc N` signalled: the launcher and the ranks under it all hear it."""
+    import signal
+    import sys
+    import time
+
+    out = str(tmp_path / "child")
+    outer = "import sys; from mimscale.cli import launch; sys.exit(launch(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", outer, sys.executable, "-c", CHILD, out, GRAND], cwd=REPO)
+    deadline = time.time() + 60
+    while not (Path(out + ".ready").exists() and Path(out + ".grand.ready").exists()):
+        assert time.time() < deadline, "the launched processes did not start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=60) == 75  # the launcher's own exit status comes back
+    assert Path(out).read_text() == "SIGUSR1" and Path(out + ".grand").read_text() == "SIGUSR1"
