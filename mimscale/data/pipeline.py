@@ -330,12 +330,24 @@ def _identity(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers outlive SIGTERM / SIGUSR1 sent to the whole process tree: the training process
-    finishes its step and saves (engine/distributed.py StopRequest), then closes the loader."""
+    """Workers outlive SIGTERM / SIGUSR1 sent to the whole process tree (a scheduler, a launcher):
+    the training process finishes its step and saves (engine/distributed.py StopRequest), then
+    closes the loader. SIGTERM from the training process itself (its shutdown) still ends the
+    worker: a thread reads the sender of each SIGTERM, which stays blocked everywhere else."""
+    import os
     import signal
+    import threading
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    parent = os.getppid()
+
+    def wait_for_parent() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=wait_for_parent, daemon=True).start()
 
 
 class ShardLoader:

@@ -95,8 +95,15 @@ class StopRequest:
         signal sent to the whole process tree does not kill them mid-step."""
         import signal
 
-        for name in self.SIGNALS:
-            signal.signal(getattr(signal, name), self._handler)
+        self._previous = {name: signal.signal(getattr(signal, name), self._handler) for name in self.SIGNALS}
+
+    def uninstall(self) -> None:
+        """Restore the previous handlers: once training is over, SIGTERM ends the process again."""
+        import signal
+
+        for name, handler in getattr(self, "_previous", {}).items():
+            signal.signal(getattr(signal, name), handler)
+        self._previous = {}
 
     def _handler(self, signum: int, frame: object) -> None:
         import signal

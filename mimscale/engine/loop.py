@@ -229,6 +229,12 @@ class Trainer:
         """Train until the recipe's total steps (or ``train.max_steps``), or until a stop request
         (SIGTERM / SIGUSR1 / stop file: the current step ends and a checkpoint is written, see
         ``stopped_by``); return the run dir."""
+        try:
+            return self._fit()
+        finally:
+            self.stop.uninstall()  # a process stuck in teardown can be terminated again
+
+    def _fit(self) -> Path:
         t, d = self.r.train, self.d
         stop = min(d.total_steps, t.max_steps) if t.max_steps else d.total_steps
         stream = _stream(self.loader)
