@@ -51,6 +51,9 @@ SchedulerParameters=sched_interval=2
 NodeName=$HOST CPUs=8 Gres=gpu:2 State=UNKNOWN
 PartitionName=ci Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONFEOF
+for i in 0 1; do  # the fake GPUs' device files (present on most machines; made if not)
+  [[ -e /dev/tty$i ]] || mknod "/dev/tty$i" c 4 "$i"
+done
 cat > "$CONF/gres.conf" << 'CONFEOF'
 AutoDetect=off
 Name=gpu File=/dev/tty[0-1]
