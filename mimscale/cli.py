@@ -8,24 +8,52 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from mimscale.config import RecipeError
-from mimscale.config.paths import recipe_path
+from mimscale.config.paths import list_recipes, recipe_path
 from mimscale.engine.safe_load import UnsafeCheckpointError
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate a recipe (and print the resolved YAML) without starting anything."""
+    """Validate a recipe and its paths (and print the resolved YAML) without starting anything."""
     import yaml
 
     from mimscale.registry import load_recipe
 
     r = load_recipe(recipe_path(args.recipe), args.overrides)
+    if args.run_dir:  # for scripts (slurm/pretrain.sbatch): where checkpoints will be
+        print(Path(r.run.out_dir) / r.run.name)
+        return 0
+    _preflight(r)
     print(yaml.safe_dump(r.to_dict(), sort_keys=False))
     return 0
+
+
+def _preflight(recipe: Any, world_size: int = 1) -> None:
+    from mimscale.preflight import check_paths
+
+    check_paths(recipe, world_size)
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """List the shipped recipes with their headers' first line."""
+    rows = list_recipes()
+    width = max(len(name) for name, _ in rows)
+    for name, summary in rows:
+        print(f"{name:<{width}}  {summary}")
+    return 0
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (the OS picks it), for a private rendezvous."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -33,28 +61,41 @@ def cmd_train(args: argparse.Namespace) -> int:
     path = recipe_path(args.recipe)
     from mimscale.registry import load_recipe
 
-    load_recipe(path, args.overrides)  # fail on a typo before any process is spawned
+    # a typo, a missing path or a world the batch / shards cannot split over: before any spawn
+    _preflight(load_recipe(path, args.overrides), max(1, args.nproc))
     if args.nproc <= 1:
         from mimscale.train import main as train_main
 
         return train_main([str(path), *args.overrides])
+    # A fixed default port makes two jobs on one node join each other's rendezvous.
+    master_port = getattr(args, "master_port", 0)  # callers with their own parser may lack the flag
     if args.launcher == "torchrun":
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={args.nproc}",
-            "-m",
-            "mimscale.train",
-        ]
+        rdzv = (  # --standalone: torchrun binds a free port itself
+            ["--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{master_port}"]
+            if master_port
+            else ["--standalone"]
+        )
+        cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, f"--nproc_per_node={args.nproc}"]
     else:
-        cmd = [
-            shutil.which("deepspeed") or "deepspeed",
-            f"--num_gpus={args.nproc}",
-            "--module",
-            "mimscale.train",
-        ]
-    return subprocess.call([*cmd, str(path), *args.overrides])
+        port = master_port or free_port()
+        cmd = [shutil.which("deepspeed") or "deepspeed", f"--num_gpus={args.nproc}", f"--master_port={port}"]
+    cmd += ["--module", "mimscale.train"]
+    return launch([*cmd, str(path), *args.overrides])
+
+
+def launch(cmd: list[str]) -> int:
+    """Run a launcher in its own process group and pass SIGTERM / SIGUSR1 / SIGINT to the whole
+    group: every rank then saves and stops (a launcher alone would not forward SIGUSR1)."""
+    import signal
+
+    proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def forward(signum: int, frame: object) -> None:
+        os.killpg(proc.pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, forward)
+    return proc.wait()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -117,19 +158,25 @@ DELEGATED = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mimscale", description=__doc__)
+    p.add_argument("--version", action="version", version=f"mimscale {_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("train", help="train a recipe (one process, or --nproc ranks)")
-    s.add_argument("recipe")
+    s.add_argument("recipe", help="a recipe file, or a shipped recipe's name (mae/vit_b16)")
     s.add_argument("overrides", nargs="*", help="key.sub=value")
     s.add_argument("--nproc", type=int, default=1)
     s.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
+    s.add_argument("--master-port", type=int, default=0, help="rendezvous port (default: a free one)")
     s.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("check", help="validate a recipe and print it resolved")
+    s = sub.add_parser("check", help="validate a recipe and its data paths; print it resolved")
     s.add_argument("recipe")
     s.add_argument("overrides", nargs="*")
+    s.add_argument("--run-dir", action="store_true", help="print only the run directory")
     s.set_defaults(fn=cmd_check)
+
+    s = sub.add_parser("recipes", help="list the shipped recipes")
+    s.set_defaults(fn=cmd_recipes)
 
     s = sub.add_parser("demo", help="the whole path on a CPU in minutes (embedded digits data)")
     s.add_argument("--method", default="mae")
@@ -156,6 +203,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse a command line of the argparse-routed subcommands (train, check, demo, recipes)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides after a flag (`train R --nproc 8 a.b=c`): argparse leaves them over.
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mimscale")
+    except PackageNotFoundError:  # a source checkout on PYTHONPATH, never installed
+        from mimscale import __version__
+
+        return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
@@ -164,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench(argv[1:])
         if argv and argv[0] in DELEGATED:
             return _delegate(DELEGATED[argv[0]][0], argv[1:])
-        args = build_parser().parse_args(argv)
+        args = parse_args(argv)
         return int(args.fn(args) or 0)
     except RecipeError as e:
         print(f"recipe error: {e}", file=sys.stderr)

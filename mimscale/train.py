@@ -6,10 +6,17 @@ before DeepSpeed or any data worker starts.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from mimscale.config import RecipeError
+from mimscale.config.paths import recipe_path
+from mimscale.preflight import check_paths
 from mimscale.registry import load_recipe
+
+# Exit status of a run stopped early by a signal or the stop file, its checkpoint written:
+# EX_TEMPFAIL ("try again later"), so `mimscale train ... && next` does not run `next`.
+EXIT_STOPPED = 75
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,24 +26,37 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
+    rank0 = os.environ.get("RANK", "0") == "0"
     try:
-        recipe = load_recipe(argv[0], argv[1:])
+        recipe = load_recipe(recipe_path(argv[0]), argv[1:])
+        check_paths(recipe, int(os.environ.get("WORLD_SIZE", "1")))
     except RecipeError as e:
-        print(f"recipe error: {e}", file=sys.stderr)
+        if rank0:  # one line, not one per rank
+            print(f"recipe error: {e}", file=sys.stderr)
         return 2
     from mimscale.engine.checkpoint import CheckpointSpaceError
-    from mimscale.engine.loop import train
+    from mimscale.engine.loop import Trainer
     from mimscale.engine.safe_load import UnsafeCheckpointError
 
     try:
-        run_dir = train(recipe)
+        trainer = Trainer(recipe)
+        run_dir = trainer.fit()
     except UnsafeCheckpointError as e:  # resume refused a checkpoint that would run code
         print(f"error: {e}", file=sys.stderr)
         return 2
     except CheckpointSpaceError as e:  # disk full: the last complete checkpoint stays the resume point
         print(f"error: {e.strerror}", file=sys.stderr)
         return 1
-    print(f"[mimscale] done; run directory: {run_dir}", flush=True)
+    if trainer.stopped_by is not None:
+        if trainer.dist.rank == 0:
+            print(
+                f"[mimscale] stopped by {trainer.stopped_by} after step {trainer.state.step}; checkpoint "
+                f"written; the same command resumes. Run directory: {run_dir}",
+                flush=True,
+            )
+        return EXIT_STOPPED
+    if trainer.dist.rank == 0:
+        print(f"[mimscale] done; run directory: {run_dir}", flush=True)
     return 0
 
 

@@ -8,6 +8,8 @@ import pytest
 
 from mimscale.cli import main
 
+REPO = Path(__file__).resolve().parents[1]
+
 GOOD = "optim: {blr: 1.0e-4}\ntrain: {micro_batch: 4, global_batch: 8}\n"
 
 # (overrides, text expected in the one error line): each names the key it is about
@@ -68,3 +70,19 @@ def test_binary_empty_and_missing_base_files(tmp_path: Path, capsys) -> None:
     child.write_text("_base_: ../nowhere/base.yaml\n" + GOOD)
     code, err = check(child, capsys=capsys)
     assert code == 2 and "nowhere/base.yaml: recipe file not found" in err and str(child) in err
+
+
+def test_world_size_problems_before_spawning(tmp_path: Path, capsys, digits) -> None:
+    """--nproc is known to the CLI: a global batch or an exact epoch it cannot split is refused
+    before the launcher starts (no rank prints a traceback)."""
+    path = tmp_path / "r.yaml"
+    path.write_text(f"_base_: {REPO / 'recipes/mae/cpu_tiny.yaml'}\n")
+    code = main(["train", str(path), "--nproc", "3", f"data.train={digits['train']}",
+                 "train.micro_batch=4", "train.global_batch=8"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "not divisible by train.micro_batch=4 x world_size=3" in err and str(path) in err
+    code = main(["train", str(path), "--nproc", "2", f"data.train={digits['train']}",
+                 "data.epoch_mode=exact", "data.num_workers=64"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "ranks x 64 workers" in err and not (tmp_path / "runs").exists()

@@ -25,8 +25,9 @@ def test_prep_shards_flags_reach_the_tool(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "manifest.json").is_file()
 
 
-def test_check_prints_resolved_recipe_and_rejects_typos(capsys) -> None:
-    assert main(["check", str(REPO / "recipes/mae/vit_b16.yaml"), "optim.blr=2e-4"]) == 0
+def test_check_prints_resolved_recipe_and_rejects_typos(capsys, tmp_path: Path) -> None:
+    data = f"data.train={tmp_path}"  # the recipe's placeholder path would fail the path check
+    assert main(["check", str(REPO / "recipes/mae/vit_b16.yaml"), "optim.blr=2e-4", data]) == 0
     assert "blr: 0.0002" in capsys.readouterr().out
     assert main(["check", str(REPO / "recipes/mae/vit_b16.yaml"), "optim.blrr=2e-4"]) == 2
     assert "optim.blrr: unknown key" in capsys.readouterr().err

@@ -55,6 +55,27 @@ from mimscale.data.reader import EpochSpec, ShardReadError
 __all__ = ["ShardLoader", "ShardReadError", "TrainLoader", "build_eval_loader", "build_train_loader"]
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers outlive SIGTERM / SIGUSR1 sent to the whole process tree (a scheduler, a launcher):
+    the training process finishes its step and saves (engine/distributed.py StopRequest), then
+    closes the loader. SIGTERM from the training process itself (its shutdown) still ends the
+    worker: a thread reads the sender of each SIGTERM, which stays blocked everywhere else."""
+    import os
+    import signal
+    import threading
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    parent = os.getppid()
+
+    def wait_for_parent() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=wait_for_parent, daemon=True).start()
+
+
 class ShardLoader:
     """An epoch-aware, resumable iterator over batches (the engine's data interface).
 
@@ -179,6 +200,7 @@ class ShardLoader:
                 # Its own generator: without one, creating the iterator draws from the global
                 # torch RNG, which a resumed run would see at a different point (drop-path).
                 generator=torch.Generator(),
+                worker_init_fn=_ignore_stop_signals,
             )
         for batch in source:
             if batch["batch_index"] != self._pos:  # the round-robin contract was broken

@@ -41,9 +41,9 @@ DEMO_OVERRIDES: dict[str, list[str]] = {
 
 def _recipe_root() -> Path:
     """The shipped recipes folder (where the CLI resolves recipe names)."""
-    from mimscale.config.paths import RECIPES_DIR
+    from mimscale.config.paths import recipes_root
 
-    return RECIPES_DIR
+    return recipes_root()
 
 
 def _resolve(name: str) -> Path:

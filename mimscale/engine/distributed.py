@@ -71,3 +71,53 @@ def all_true(flag: bool, device: torch.device) -> bool:
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+class StopRequest:
+    """Save-on-signal: SIGTERM / SIGUSR1 (or a stop file) asks every rank to stop after the step.
+
+    Launchers forward the signal to some ranks, at slightly different times, or to none (Slurm
+    signals only the batch script, which creates ``$MIMSCALE_STOP_FILE`` instead: a file
+    reaches ranks on every node and never kills torchrun or the data workers). Ranks therefore
+    never act on their own flag: :meth:`agreed` all-reduces it once per step, so all ranks stop
+    after the same step and the checkpoint they write together is complete.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, watch_file: bool = True) -> None:
+        self.signal: str | None = None
+        # One rank watching the file is enough (the flag is all-reduced); spares a shared file system.
+        self.stop_file = (os.environ.get("MIMSCALE_STOP_FILE") or None) if watch_file else None
+
+    def install(self) -> None:
+        """Install the handlers (main thread only). Data workers forked later inherit them, so a
+        signal sent to the whole process tree does not kill them mid-step."""
+        import signal
+
+        self._previous = {name: signal.signal(getattr(signal, name), self._handler) for name in self.SIGNALS}
+
+    def uninstall(self) -> None:
+        """Restore the previous handlers: once training is over, SIGTERM ends the process again."""
+        import signal
+
+        for name, handler in getattr(self, "_previous", {}).items():
+            signal.signal(getattr(signal, name), handler)
+        self._previous = {}
+
+    def _handler(self, signum: int, frame: object) -> None:
+        import signal
+
+        self.signal = signal.Signals(signum).name
+
+    def local(self) -> bool:
+        if self.signal is None and self.stop_file and os.path.exists(self.stop_file):
+            self.signal = f"stop file {self.stop_file}"
+        return self.signal is not None
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank when any rank was asked to stop (one scalar all-reduce)."""
+        t = torch.tensor([1.0 if self.local() else 0.0], device=device)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item() > 0.5)

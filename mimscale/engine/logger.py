@@ -31,6 +31,8 @@ class MetricLogger:
                 mode=w.mode,
                 dir=str(run_dir),
                 config={**recipe.to_dict(), "meta": extra_meta or {}},
+                id=wandb_run_id(run_dir),  # every restart of this run dir continues one wandb run
+                resume="allow",
             )
 
     def log(self, record: dict[str, Any], console: str | None = None) -> None:
@@ -47,9 +49,39 @@ class MetricLogger:
                 step=record["step"],
             )
 
+    def rewind(self, step: int) -> None:
+        """Drop records after ``step`` (written by a run killed after its last checkpoint).
+
+        A torn last line (killed mid-write) is dropped too. wandb keeps its own history: it
+        ignores steps it has already seen, so replayed steps are not doubled there either.
+        """
+        if not self.enabled or not self.path.is_file():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines(keepends=True):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if line.endswith("\n") and rec.get("step", 0) <= step:
+                keep.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(self.path)
+
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The wandb run id of ``run_dir``: made once, kept in ``run_dir/wandb_id``."""
+    import uuid
+
+    path = run_dir / "wandb_id"
+    if not path.is_file():
+        path.write_text(uuid.uuid4().hex[:12] + "\n")
+    return path.read_text().strip()
 
 
 def format_eta(seconds: float) -> str:

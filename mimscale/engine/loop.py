@@ -15,7 +15,7 @@ import torch
 
 from mimscale.config import Derived, Recipe, derive, save_recipe
 from mimscale.engine import checkpoint
-from mimscale.engine.distributed import DistInfo, all_true, init_distributed
+from mimscale.engine.distributed import DistInfo, StopRequest, all_true, init_distributed
 from mimscale.engine.logger import MetricLogger, format_eta
 from mimscale.engine.optim import apply_recipe_lr, use_bf16
 from mimscale.engine.setup import (  # noqa: F401  (re-exported for tests and the bench)
@@ -72,7 +72,10 @@ def train_step(
             if len(micro_batches) > 1:
                 engine.step()  # keep DeepSpeed's micro-step counter aligned
             continue
-        engine.backward(out.loss)
+        loss = out.loss
+        if "valid" in b and not bool(b["valid"].any()):  # only padding rows (keep_valid_rows kept them)
+            loss = loss * 0.0  # the step still runs on every rank (ZeRO), with no gradient from them
+        engine.backward(loss)
         engine.step()
         outs.append(out)
     return outs
@@ -87,6 +90,10 @@ class Trainer:
 
         self.r = recipe
         self.dist: DistInfo = init_distributed()
+        # Before the data workers fork, so they inherit the handlers (a signal to the whole
+        # process tree must not kill them mid-step).
+        self.stop = StopRequest(watch_file=self.dist.rank == 0)
+        self.stop.install()
         if recipe.run.deterministic:
             torch.use_deterministic_algorithms(True)
         seed_everything(recipe.run.seed)  # identical initial weights on every rank
@@ -120,6 +127,10 @@ class Trainer:
         self.run_dir = Path(recipe.run.out_dir) / recipe.run.name
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.state = TrainState()
+        self.stopped_by: str | None = None  # what stopped fit() early (a signal or the stop file)
+        # Seconds spent in eval hooks / checkpoint saves since the last log line: excluded from
+        # img/s and ETA (an eval would otherwise inflate or deflate the throughput) and logged apart.
+        self.paused = {"eval_s": 0.0, "ckpt_s": 0.0}
         if self.dist.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_recipe(recipe, self.run_dir / "recipe.yaml")
@@ -127,6 +138,7 @@ class Trainer:
         self.logger = MetricLogger(recipe, self.run_dir, self.dist.rank, extra_meta=meta)
         if recipe.run.resume == "auto":
             self._maybe_resume()
+        self._keys = self._open_keys_log()
 
     @property
     def method(self) -> torch.nn.Module:
@@ -141,11 +153,13 @@ class Trainer:
 
     def _maybe_resume(self) -> None:
         tag = checkpoint.read_pointer(self.ckpt_dir)
-        if tag is None:
+        if tag is None:  # killed before its first checkpoint: start over, logs included
+            self._rewind_logs()
             return
         self._check_compatible(self.ckpt_dir / tag / "recipe.yaml")
         self._load(tag)
         before, now = apply_recipe_lr(self.engine.lr_scheduler, self.r, self.d)  # a changed lr applies
+        self._rewind_logs()
         if self.dist.rank == 0:
             print(f"[mimscale] resumed from {self.ckpt_dir / tag} at step {self.state.step}", flush=True)
             if abs(before - now) > 1e-9 * max(abs(before), abs(now)):
@@ -154,6 +168,14 @@ class Trainer:
                     f"applied from step {self.state.step}",
                     flush=True,
                 )
+
+    def _rewind_logs(self) -> None:
+        """Drop what a killed run logged after the checkpoint this run starts from: those steps
+        are replayed, and every step must appear once however many kills and resumes."""
+        self.logger.rewind(self.state.step)
+        if self.r.train.log_keys:  # one line per step attempted (bad steps included)
+            keys = self.run_dir / f"keys_rank{self.dist.rank}.txt"
+            _truncate_lines(keys, self.state.step + self.state.bad_steps)
 
     def _check_compatible(self, saved: Path) -> None:
         """DeepSpeed's state layout depends on the ZeRO stage and the precision: say so plainly
@@ -190,6 +212,9 @@ class Trainer:
             self.state.bad_steps = client.get("bad_steps", 0)
 
     def save(self) -> str:
+        t0 = time.perf_counter()
+        if self._keys is not None:  # the key log is complete up to every checkpoint
+            self._keys.flush()
         client = {
             "step": self.state.step,
             "samples": self.state.samples,
@@ -197,7 +222,9 @@ class Trainer:
             "bad_steps": self.state.bad_steps,
             "recipe": self.r.to_dict(),
         }
-        return checkpoint.save(self.engine, self.ckpt_dir, self.state.step, client, self.r, self.dist.rank)
+        tag = checkpoint.save(self.engine, self.ckpt_dir, self.state.step, client, self.r, self.dist.rank)
+        self.paused["ckpt_s"] += time.perf_counter() - t0
+        return tag
 
     # ------------------------------------------------------------------ one step
 
@@ -216,7 +243,15 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> Path:
-        """Train until the recipe's total steps (or ``train.max_steps``); return the run dir."""
+        """Train until the recipe's total steps (or ``train.max_steps``), or until a stop request
+        (SIGTERM / SIGUSR1 / stop file: the current step ends and a checkpoint is written, see
+        ``stopped_by``); return the run dir."""
+        try:
+            return self._fit()
+        finally:
+            self.stop.uninstall()  # a process stuck in teardown can be terminated again
+
+    def _fit(self) -> Path:
         t, d = self.r.train, self.d
         stop = min(d.total_steps, t.max_steps) if t.max_steps else d.total_steps
         stream = _stream(self.loader)
@@ -227,36 +262,44 @@ class Trainer:
                 flush=True,
             )
         t0, wait, steps_since = time.perf_counter(), 0.0, 0
-        keys_log = self._keys_log()
+        saved = -1
         while self.state.step < stop:
             w0 = time.perf_counter()
             micro = [next(stream) for _ in range(d.grad_accum)]
             wait += time.perf_counter() - w0
             self.state.samples += t.global_batch
-            if keys_log is not None:
-                keys_log.write(" ".join(k for b in micro for k in b["keys"]) + "\n")
+            if self._keys is not None:
+                self._keys.write(" ".join(k for b in micro for k in b["keys"]) + "\n")
             if not self.train_step(micro):
                 self._on_bad_step()
                 continue
             self.state.consecutive_bad = 0
             self.state.step += 1
             self.method.after_step(self.state.step)  # e.g. EMA updates
+            e0 = time.perf_counter()
             for hook in self.hooks:
                 hook.maybe_run(self)
+            self.paused["eval_s"] += time.perf_counter() - e0
             steps_since += 1
             if self.state.step % t.log_every == 0 or self.state.step == stop:
                 self._log(time.perf_counter() - t0, wait, steps_since, stop, micro)
                 t0, wait, steps_since = time.perf_counter(), 0.0, 0
             if self.state.step % t.ckpt_every == 0 and self.state.step != stop:
                 self.save()
-        self.save()
+                saved = self.state.step
+            # Checked every step (lost work <= one step); the same answer on every rank.
+            if self.state.step < stop and self.stop.agreed(self.dist.device):
+                self.stopped_by = self.stop.signal or "another rank's stop request"
+                break
+        if saved != self.state.step:
+            self.save()
         self.loader.close()  # stop the workers before the interpreter tears down
         self.logger.close()
-        if keys_log is not None:
-            keys_log.close()
+        if self._keys is not None:
+            self._keys.close()
         return self.run_dir
 
-    def _keys_log(self):
+    def _open_keys_log(self):
         if not self.r.train.log_keys:
             return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -287,7 +330,9 @@ class Trainer:
         m = {k: v.item() / steps for k, v in self.state.metrics.items()}  # the only host sync
         self.state.metrics = {}
         lr = self.engine.get_lr()[0]
-        ips = steps * self.r.train.global_batch / max(elapsed, 1e-9)
+        paused, self.paused = self.paused, {k: 0.0 for k in self.paused}
+        elapsed = max(elapsed - sum(paused.values()), 1e-9)  # training time only
+        ips = steps * self.r.train.global_batch / elapsed
         eta = (stop - self.state.step) * elapsed / max(steps, 1)
         skipped = torch.tensor([float(self.loader.shard_errors)], device=self.dist.device)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
@@ -300,6 +345,7 @@ class Trainer:
             "data_wait": wait / max(elapsed, 1e-9),
             "bad_steps": self.state.bad_steps,
             "shard_errors": int(skipped.item()),
+            **paused,
             **m,
         }
         terms = " ".join(f"{k} {v:.4f}" for k, v in m.items())
@@ -308,6 +354,16 @@ class Trainer:
             f"data {100 * rec['data_wait']:.0f}% eta {format_eta(eta)}"
         )
         self.logger.log(rec, line)
+
+
+def _truncate_lines(path: Path, n: int) -> None:
+    """Keep the first ``n`` complete lines of ``path`` (a missing or shorter file is left alone)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    complete = [ln for ln in lines if ln.endswith("\n")]
+    if len(lines) > n or len(complete) != len(lines):
+        path.write_text("".join(complete[:n]))
 
 
 def train(recipe: Recipe) -> Path:

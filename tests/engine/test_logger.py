@@ -36,3 +36,54 @@ def test_wandb_offline_writes_a_local_run(tmp_path: Path, monkeypatch) -> None:
     log.log({"step": 1, "loss": 0.5})
     log.close()
     assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline wandb run directory"
+    run_id = (tmp_path / "wandb_id").read_text().strip()
+    again = MetricLogger(r, tmp_path, rank=0)  # a restart of the same run directory
+    assert again.wandb.id == run_id
+    again.close()
+    assert all(d.name.endswith(run_id) for d in (tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_rewind_keeps_each_step_once_and_drops_a_torn_line(tmp_path: Path) -> None:
+    r = recipe_from_dict({"optim": {"blr": 1e-4}})
+    log = MetricLogger(r, tmp_path, rank=0)
+    for s in range(1, 6):
+        log.log({"step": s, "loss": float(s)})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # killed mid-write
+    log.rewind(3)  # resumed from the step-3 checkpoint
+    for s in range(4, 7):
+        log.log({"step": s, "loss": float(s)})
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in recs] == [1, 2, 3, 4, 5, 6]
+
+
+def test_wandb_id_is_kept_in_the_run_dir(tmp_path: Path) -> None:
+    from mimscale.engine.logger import wandb_run_id
+
+    first = wandb_run_id(tmp_path)
+    assert first == wandb_run_id(tmp_path) == (tmp_path / "wandb_id").read_text().strip()
+    assert first != wandb_run_id(tmp_path / "..")
+
+
+def test_img_per_s_and_eta_exclude_eval_and_checkpoint_time(tmp_path: Path) -> None:
+    """A 10 s step window of which 8 s were an eval hook and a checkpoint: 2 s of training."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from mimscale.engine.loop import Trainer
+
+    r = recipe_from_dict({"optim": {"blr": 1e-4}, "train": {"global_batch": 64}})
+    fake = SimpleNamespace(
+        r=r,
+        state=SimpleNamespace(step=4, samples=256, bad_steps=0, metrics={"loss": torch.tensor(2.0)}),
+        engine=SimpleNamespace(get_lr=lambda: [1e-3]),
+        paused={"eval_s": 6.0, "ckpt_s": 2.0},
+        logger=MetricLogger(r, tmp_path, rank=0),
+        loader=SimpleNamespace(shard_errors=0),
+        dist=SimpleNamespace(device=torch.device("cpu")),
+    )
+    Trainer._log(fake, elapsed=10.0, wait=0.0, steps=4, stop=8, micro=[{}])
+    (rec,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rec["img_per_s"] == 4 * 64 / 2.0 and rec["eval_s"] == 6.0 and rec["ckpt_s"] == 2.0
+    assert fake.paused == {"eval_s": 0.0, "ckpt_s": 0.0}  # counted once

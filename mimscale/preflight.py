@@ -1,0 +1,87 @@
+"""Check every path a recipe reads before any process is spawned.
+
+A missing manifest or teacher file otherwise fails ~20 s later, once per rank, as a traceback.
+Here it is one line naming the key, the path and the command that makes it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mimscale.config import Recipe, RecipeError, check_world_size
+
+_MAKE_SHARDS = "make it with `mimscale prep-shards --src IMAGES --out DIR` (or `mimscale demo-data DIR`)"
+
+
+def _local_path(spec: str) -> Path | None:
+    """The local file or directory a data spec needs, or None for remote/pipe specs (not checked)."""
+    if spec.startswith("pipe:") or "://" in spec:
+        return None
+    if "{" in spec or "::" in spec:  # a brace / list pattern: its folder must exist
+        return Path(spec.split("::")[0].split("{")[0]).parent
+    return Path(spec)
+
+
+def data_problems(recipe: Recipe) -> list[str]:
+    """One line per data key the run will read whose path does not exist."""
+    keys = [("data.train", recipe.data.train, True)]
+    ev = recipe.eval
+    if ev is not None and ev.enabled:  # only evaluation reads the labeled splits
+        keys += [("eval.train", ev.train, False)]
+        keys += [("eval.val", ev.val, False) if ev.val else ("data.val", recipe.data.val, False)]
+    out = []
+    for key, spec, required in keys:
+        if not spec:
+            if required:
+                out.append(f"{key}: empty; point it at the shards' manifest.json; {_MAKE_SHARDS}")
+            continue
+        p = _local_path(spec)
+        if p is not None and not p.exists():
+            out.append(f"{key}: {spec} does not exist; {_MAKE_SHARDS}")
+    return out
+
+
+def teacher_problems(recipe: Recipe) -> list[str]:
+    """A line when the method needs a teacher whose weights cannot be found on local disk."""
+    from mimscale.methods import METHODS
+
+    cfg = recipe.teacher
+    if cfg.allow_random or not METHODS[recipe.method].needs_teacher:
+        return []
+    from mimscale.teachers import resolve_weights
+
+    found, looked = resolve_weights(cfg)
+    if found is not None:
+        return []
+    return [
+        f"teacher.pretrained: no weights for {cfg.kind}:{cfg.model} ({cfg.pretrained!r}); looked in: "
+        + "; ".join(looked)
+        + ". Give teacher.pretrained a weights file (tests / CPU demo: teacher.allow_random=true)"
+    ]
+
+
+def world_problems(recipe: Recipe, world_size: int) -> list[str]:
+    """Lines for what the world size alone makes impossible: the global batch split, and in
+    ``exact`` epochs a shard for every reader (ranks x workers)."""
+    try:
+        check_world_size(recipe, world_size)
+    except RecipeError as e:
+        return [str(e).removeprefix(f"{recipe.source}: ")]
+    data = recipe.data
+    if data.epoch_mode != "exact" or not data.train or data_problems(recipe):
+        return []
+    from mimscale.data.manifest import resolve_source
+    from mimscale.data.pipeline import _check_exact
+
+    try:
+        _check_exact(data, resolve_source(data.train), world_size, max(1, data.num_workers))
+    except (ValueError, FileNotFoundError) as e:
+        return [str(e)]
+    return []
+
+
+def check_paths(recipe: Recipe, world_size: int = 1) -> None:
+    """Raise one :class:`RecipeError` listing every missing data / teacher path of ``recipe``."""
+    problems = data_problems(recipe) + teacher_problems(recipe) + world_problems(recipe, world_size)
+    if problems:
+        raise RecipeError(f"{recipe.source}: " + "\n  ".join(problems))
