@@ -209,6 +209,7 @@ def build_train_loader(
     seed: int,
     rank: int,
     world_size: int,
+    bank: str | None = None,
 ) -> ShardLoader:
     """The training loader of one rank.
 
@@ -221,6 +222,9 @@ def build_train_loader(
         seed: run seed.
         rank: this rank.
         world_size: number of ranks.
+        bank: a precomputed teacher-target bank (``teacher.source: precomputed``): every sample
+            replays one of the bank's stored views and its batch carries ``teacher`` (the encoded
+            targets, see :class:`mimscale.targets.bank.BankReader`).
 
     Returns:
         A :class:`ShardLoader` with ``batches_per_epoch`` equal on every rank:
@@ -266,8 +270,23 @@ def build_train_loader(
         shuffle_buffer=data.shuffle_buffer,
         on_error=data.on_error,
         draft=data.draft,
+        bank=_bank_reader(bank, source) if bank else None,
     )
     return ShardLoader(spec, data.num_workers)
+
+
+def _bank_reader(bank: str, source: ShardSource) -> Any:
+    """The bank's reader, checked to cover every image shard of ``data.train`` (by name)."""
+    from mimscale.targets.bank import BankReader, image_shard_name
+
+    reader = BankReader(bank)
+    missing = [image_shard_name(u) for u in source.urls if image_shard_name(u) not in reader.shard_names]
+    if missing:
+        raise ValueError(
+            f"teacher.bank: {reader.root} has no targets for {len(missing)} shards of data.train "
+            f"(first: {missing[0]}); precompute them with mimscale precompute-targets"
+        )
+    return reader
 
 
 def _resolve(spec: str, key: str) -> ShardSource:
