@@ -110,6 +110,10 @@ DELEGATED = {
     "eval": ("mimscale.eval.standalone", "kNN + linear probe (+ diagnostics) of a checkpoint"),
     "export": ("mimscale.eval.export", "checkpoint encoder -> timm-keyed .safetensors"),
     "diagnose": ("mimscale.eval.diagnostics", "attention distance, MTO heterogeneity, SV spectrum, RAUC"),
+    "precompute-targets": (
+        "mimscale.targets.precompute",
+        "teacher targets of K views per image -> a bank",
+    ),
 }
 
 

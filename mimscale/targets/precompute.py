@@ -3,7 +3,7 @@
 Usage::
 
     mimscale precompute-targets RECIPE [key.sub=value ...] --out DIR [--views K] [--encoding fp16]
-        [--batch 64] [--shards A:B] [--merge]
+        [--batch 64] [--task-index I --num-tasks N] [--merge]
 
 Data-parallel without collectives: process ``r`` of ``n`` (``RANK`` / ``WORLD_SIZE`` from
 torchrun or the deepspeed launcher, else ``SLURM_PROCID`` / ``SLURM_NTASKS``) writes the image
@@ -285,6 +285,7 @@ class Precompute:
         )
         fields = next(s["fields"] for s in shards if s["count"])
         n = sum(s["count"] for s in shards)
+        pca = json.loads((self.out / PCA_FILE).read_text()) if self.enc.pca_dim else None
         return {
             "format": FORMAT,
             "identity": bank_identity(self.recipe),
@@ -295,7 +296,7 @@ class Precompute:
                 "std": self.provider._std.flatten().div(255).tolist(), "torch_dtype": meta["torch_dtype"],
             },
             "views_per_image": self.k, "encoding": self.enc.name, "seed": self.seed, "batch": self.batch,
-            "pca": json.loads((self.out / PCA_FILE).read_text()) if self.enc.pca_dim else None,
+            "pca": pca,
             "record": fields, "record_bytes": record_dtype(fields).itemsize,
             "join": "aligned: <image shard>.tgt holds the targets of <image shard>, joined by key; "
                     "record (j, k) = view k of the j-th key of its header",
@@ -303,7 +304,7 @@ class Precompute:
             "fidelity": {
                 "cosine_mean": cos_mean,
                 "cosine_min": min(f["cosine_min"] for f, _ in fid) if fid else None,
-                "explained_variance": self.pca.explained_variance if self.pca else None,
+                "explained_variance": pca["explained_variance"] if pca else None,
             },
             "shards": shards,
         }  # fmt: skip
@@ -355,9 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoding", default="fp16", help="fp32 | fp16 | int8 | pca:D | pca:D:int8")
     p.add_argument("--batch", type=int, default=64, help="views per teacher forward")
     p.add_argument("--pca-images", type=int, default=256)
-    p.add_argument("--shards", default=None, help="A:B, image shard range of this job (array tasks)")
+    p.add_argument("--task-index", type=int, default=0, help="array task: this task's contiguous shard range")
+    p.add_argument("--num-tasks", type=int, default=1, help="array task count (shards split evenly)")
     p.add_argument("--merge", action="store_true", help="only write the manifest from finished shards")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     # The bank is written for teacher.source: online semantics (the teacher itself runs here).
     recipe = load_recipe(a.recipe, [*a.overrides, "teacher.source=online"])
     local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
@@ -369,8 +371,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[precompute] manifest: {len(m['shards'])} shards, {m['images']['count']} images")
         return 0
     rank, world = _rank_world()
-    rng = tuple(int(x) for x in a.shards.split(":")) if a.shards else None
-    written = job.run(rank, world, rng)  # type: ignore[arg-type]
+    n = len(job.source.urls)
+    if not 0 <= a.task_index < a.num_tasks:
+        raise SystemExit(f"--task-index {a.task_index} is outside 0..{a.num_tasks - 1}")
+    lo, hi = a.task_index * n // a.num_tasks, (a.task_index + 1) * n // a.num_tasks
+    written = job.run(rank, world, (lo, hi))
     print(f"[precompute] rank {rank}/{world}: wrote {len(written)} target shards in {a.out}")
     return 0
 
