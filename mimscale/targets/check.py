@@ -21,6 +21,9 @@ def _differences(bank: dict[str, Any], mine: dict[str, Any]) -> list[tuple[str, 
         if key == "teacher":
             have = have or {}
             out += [(f"teacher.{k}", have.get(k), v) for k, v in want.items() if have.get(k) != v]
+        elif key == "data.views" and isinstance(have, list) and len(have) == len(want):
+            for i, (h, w) in enumerate(zip(have, want, strict=True)):  # name the field that differs
+                out += [(f"{key}[{i}].{k}", h.get(k), v) for k, v in w.items() if h.get(k) != v]
         elif have != want:
             out.append((key, have, want))
     return out
