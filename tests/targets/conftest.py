@@ -6,10 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from bank_helpers import tiny_recipe
 
-from mimscale.registry import load_recipe
-
-REPO = Path(__file__).resolve().parents[2]
 SHARDS = 4  # x 32 images: 128 images, enough for every rank/worker to have shards
 
 
@@ -25,11 +23,6 @@ def small_digits(tmp_path_factory) -> str:
     path = Path(m["train"]).with_name("small.json")
     path.write_text(json.dumps(full))
     return str(path)
-
-
-def tiny_recipe(method: str, train: str, *overrides: str):
-    """The method's cpu_tiny recipe on ``train`` (MR-MAE: focused mimicking on, the default)."""
-    return load_recipe(REPO / f"recipes/{method}/cpu_tiny.yaml", [f"data.train={train}", *overrides])
 
 
 @pytest.fixture(scope="session")

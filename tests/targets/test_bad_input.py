@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import tiny_recipe
+from bank_helpers import tiny_recipe
 
 from mimscale.config import RecipeError
 from mimscale.data.pipeline import build_train_loader

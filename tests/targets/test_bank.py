@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_recipe
+from bank_helpers import tiny_recipe
 
 from mimscale.data.pipeline import build_train_loader
 from mimscale.data.transforms import render_views

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, tiny_recipe
+from bank_helpers import REPO, tiny_recipe
 
 from mimscale.targets.precompute import Precompute
 
