@@ -123,12 +123,17 @@ def test_pca_decode_is_codes_at_basis_plus_mean(small_digits, bank_factory) -> N
     assert manifest["fidelity"]["explained_variance"] == pca.explained_variance
 
 
-@pytest.mark.parametrize("method", ["cae_v2", "mr_mae"])
-def test_method_loss_with_precomputed_fp32_equals_online(small_digits, bank_factory, method) -> None:
+@pytest.mark.parametrize(
+    ("method", "extra"), [("cae_v2", []), ("mr_mae", []), ("cae_v2", ["mask.repeats=2"])]
+)
+def test_method_loss_with_precomputed_fp32_equals_online(small_digits, bank_factory, method, extra) -> None:
+    """The same loss from the bank as from the online teacher (also with amortised masks: R masks
+    per view, one stored target row per view)."""
     from mimscale.methods import build_method
 
     bank = bank_factory(method, "fp32")
-    r, prov = precomputed(method, small_digits, bank)
+    r = tiny_recipe(method, small_digits, "teacher.source=precomputed", f"teacher.bank={bank}", *extra)
+    prov = build_target_provider(r, CPU)
     batch = prepare_batch(first_batch(r, bank), CPU, torch.float32)
     torch.manual_seed(0)
     model = build_method(r).eval()
@@ -137,3 +142,4 @@ def test_method_loss_with_precomputed_fp32_equals_online(small_digits, bank_fact
         torch.manual_seed(1)  # MR-MAE's focused sampling draws from the global generator
         losses.append(model(batch, batch["mask"], targets).loss)
     assert torch.isfinite(losses[0]) and torch.equal(losses[0], losses[1])
+    assert batch["mask"].shape[0] == len(batch["keys"]) * r.mask.repeats
