@@ -40,6 +40,7 @@ __all__ = [
     "pick_view",
     "read_bank_manifest",
     "record_dtype",
+    "record_fields",
     "target_file",
 ]
 
@@ -68,6 +69,29 @@ def bank_identity(recipe: Recipe) -> dict[str, Any]:
         "data.views": [asdict(v) for v in recipe.data.views],
         "data.draft": recipe.data.draft,
     }
+
+
+def record_fields(
+    views: int, tokens: int, channels: int, code_dtype: str, code_width: int, int8: bool, cls_attn: int | None
+) -> list[list[Any]]:
+    """The manifest's ``record`` list ``[name, dtype, shape]`` (crc last) of one stored view.
+
+    Args:
+        views: V, views per sample (each replayed from 20 float64).
+        tokens: T = 1 + N teacher tokens.
+        channels: C_t (unused by the layout; kept for the caller's clarity).
+        code_dtype: numpy dtype string of the codes.
+        code_width: stored values per token (C_t, or D for PCA).
+        int8: codes carry a float32 scale per token.
+        cls_attn: N when the teacher's [CLS] attention is stored, else None.
+    """
+    del channels
+    fields: list[list[Any]] = [["replay", "<f8", [views, 20]], ["codes", code_dtype, [tokens, code_width]]]
+    if int8:
+        fields.append(["scale", "<f4", [tokens]])
+    if cls_attn is not None:
+        fields.append(["cls_attn", "<f4", [cls_attn]])
+    return [*fields, ["crc", "<u4", []]]
 
 
 def record_dtype(fields: list[list[Any]]) -> np.dtype:

@@ -36,6 +36,7 @@ from mimscale.targets.bank import (
     image_shard_name,
     key_seed,
     record_dtype,
+    record_fields,
     target_file,
     with_crc,
     write_shard,
@@ -110,6 +111,9 @@ class Precompute:
         torch.manual_seed(self.seed)  # a random (allow_random) teacher is then the same in every process
         self.provider = build_provider(recipe, torch.device(device))
         self.pca: Pca | None = None
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)))
 
     # ------------------------------------------------------------------ targets of one image list
 
@@ -139,7 +143,9 @@ class Precompute:
         toks, attns = [], []
         for i in range(0, len(items), self.batch):
             chunk = items[i : i + self.batch]
-            px = np.stack([render_views(d, view0, r[:1], draft=self.recipe.data.draft)[0] for d, r in chunk])
+            # PIL decodes and resizes without the GIL: threads keep a GPU teacher fed; map keeps order.
+            render = lambda item: render_views(item[0], view0, item[1][:1], draft=self.recipe.data.draft)[0]  # noqa: E731
+            px = np.stack(list(self._pool.map(render, chunk)))
             out = self.provider({"views": [torch.from_numpy(px)]})
             toks.append(out.tokens.float().cpu().numpy())
             if out.cls_attn is not None:
@@ -171,15 +177,11 @@ class Precompute:
     # ------------------------------------------------------------------ layout, PCA, shards
 
     def record_fields(self, tokens: np.ndarray, attn: np.ndarray | None) -> list[list[Any]]:
-        """The manifest's ``record`` list: ``[name, dtype, shape]`` per field, crc last."""
+        """The manifest's ``record`` list for these teacher outputs (``[n, T, C]``, ``[n, N]``)."""
         t, c = tokens.shape[1:]
-        fields: list[list[Any]] = [["replay", "<f8", [len(self.recipe.data.views), 20]]]
-        fields.append(["codes", self.enc.code_dtype, [t, self.enc.code_width(c)]])
-        if self.enc.int8:
-            fields.append(["scale", "<f4", [t]])
-        if attn is not None:
-            fields.append(["cls_attn", "<f4", [attn.shape[1]]])
-        return [*fields, ["crc", "<u4", []]]
+        n_attn = attn.shape[1] if attn is not None else None
+        e = self.enc
+        return record_fields(len(self.recipe.data.views), t, c, e.code_dtype, e.code_width(c), e.int8, n_attn)
 
     def fit_pca(self) -> Pca | None:
         """The PCA basis (fitted on the first ``pca_images`` images' K views; shared via ``pca.json``)."""
