@@ -111,6 +111,9 @@ class Precompute:
         torch.manual_seed(self.seed)  # a random (allow_random) teacher is then the same in every process
         self.provider = build_provider(recipe, torch.device(device))
         self.pca: Pca | None = None
+        # What every shard of one bank must share (checked when a rerun finds finished shards).
+        self.job = {"identity": bank_identity(recipe), "views_per_image": views, "encoding": encoding,
+                    "seed": self.seed, "batch": batch, "image_manifest": self.source.manifest}  # fmt: skip
         from concurrent.futures import ThreadPoolExecutor
 
         self._pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)))
@@ -205,9 +208,18 @@ class Precompute:
         if not done.is_file() or not path.is_file():
             return False
         try:
-            return json.loads(done.read_text())["nbytes"] == path.stat().st_size
+            record = json.loads(done.read_text())
+            complete = record["nbytes"] == path.stat().st_size
         except (ValueError, KeyError):
             return False
+        if complete and record.get("job") != self.job:  # never mix the shards of two configs
+            old = record.get("job") or {}
+            key = next(k for k in self.job if old.get(k) != self.job[k])
+            raise ValueError(
+                f"{done}: this bank was written with another {key} ({old.get(key)!r}, now "
+                f"{self.job[key]!r}); use a new --out directory"
+            )
+        return complete
 
     def write_shard(self, i: int) -> dict[str, Any]:
         """Compute and write target shard ``i``; returns its completion record."""
@@ -228,6 +240,7 @@ class Precompute:
                   "record_bytes": records.dtype.itemsize, "keys": keys}  # fmt: skip
         write_shard(self.out / name, header, with_crc(records))
         done = {
+            "job": self.job,
             "file": name, "image": image, "count": len(keys), "skipped": bad, "fields": fields,
             "nbytes": (self.out / name).stat().st_size, "sha256": _sha256(self.out / name),
             "fidelity": _fidelity(tokens, records, self.enc, self.pca) if items else None,

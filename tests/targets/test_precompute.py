@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from bank_helpers import REPO, tiny_recipe
 
 from mimscale.targets.precompute import Precompute
@@ -61,3 +62,6 @@ def test_two_processes_equal_one_and_an_interrupted_run_resumes_identically(smal
     got = files(cut)
     assert {n: b for n, b in got.items() if not n.endswith(".partial")} == ref
     assert job.run() == []  # complete: nothing to do
+    # a rerun with another config never mixes its shards into this bank
+    with pytest.raises(ValueError, match=r"another encoding \('int8', now 'fp16'\); use a new --out"):
+        Precompute(tiny_recipe("cae_v2", small_digits), cut, views=2, encoding="fp16", batch=32).run()
