@@ -276,16 +276,14 @@ def build_train_loader(
 
 
 def _bank_reader(bank: str, source: ShardSource) -> Any:
-    """The bank's reader, checked to cover every image shard of ``data.train`` (by name)."""
-    from mimscale.targets.bank import BankReader, image_shard_name
+    """The bank's reader, checked to cover every image shard of ``data.train``, same bytes."""
+    from mimscale.targets.bank import BankError, BankReader
 
     reader = BankReader(bank)
-    missing = [image_shard_name(u) for u in source.urls if image_shard_name(u) not in reader.shard_names]
-    if missing:
-        raise ValueError(
-            f"teacher.bank: {reader.root} has no targets for {len(missing)} shards of data.train "
-            f"(first: {missing[0]}); precompute them with mimscale precompute-targets"
-        )
+    try:
+        reader.check_images(source.urls, source.sha256)
+    except BankError as e:
+        raise ValueError(f"teacher.bank: {e}") from None
     return reader
 
 

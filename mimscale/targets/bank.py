@@ -212,7 +212,26 @@ class BankReader:
         self.dtype = record_dtype(manifest["record"])
         self.target_fields = [n for n in self.dtype.names if n not in ("replay", "crc")]
         self._by_image = {s["image"]: s["file"] for s in manifest["shards"]}
+        self._image_sha = {s["image"]: s.get("image_sha256") for s in manifest["shards"]}
         self._open: dict[str, _OpenShard] = {}
+
+    def check_images(self, urls: tuple[str, ...], sha256: tuple[str, ...] | None) -> None:
+        """The bank covers every image shard and was computed from the same bytes (by sha256, when
+        both manifests record it): targets are never paired with other images of the same name.
+
+        Raises:
+            BankError: names the first shard that is missing from the bank or differs.
+        """
+        for i, url in enumerate(urls):
+            name = image_shard_name(url)
+            if name not in self._by_image:
+                raise BankError(f"{self.root}: the bank has no target shard for image shard {name}")
+            have, now = self._image_sha.get(name), sha256[i] if sha256 is not None else None
+            if have and now and have != now:
+                raise BankError(
+                    f"{self.root}: image shard {name} has sha256 {now[:12]}..., the bank was computed from "
+                    f"{have[:12]}... (other images under the same name); recompute the bank"
+                )
 
     @property
     def shard_names(self) -> set[str]:

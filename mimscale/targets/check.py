@@ -29,6 +29,21 @@ def _differences(bank: dict[str, Any], mine: dict[str, Any]) -> list[tuple[str, 
     return out
 
 
+def _check_images(bank: str, train: str) -> None:
+    """The bank covers ``data.train``'s shards, computed from the same bytes (when both are known)."""
+    from mimscale.data.manifest import resolve_source
+    from mimscale.targets.bank import BankReader
+
+    try:
+        source = resolve_source(train)
+    except (FileNotFoundError, ValueError):
+        return  # data.train's own error is reported where the loader is built, naming its key
+    try:
+        BankReader(bank).check_images(source.urls, source.sha256)
+    except BankError as e:
+        raise RecipeError(f".teacher.bank: {e} (data.train={train})") from None
+
+
 def check_recipe(recipe: Recipe, method_cls: type) -> None:
     """A precomputed teacher's bank must exist and match the recipe key by key.
 
@@ -45,6 +60,7 @@ def check_recipe(recipe: Recipe, method_cls: type) -> None:
         root, manifest = read_bank_manifest(cfg.bank)
     except BankError as e:
         raise RecipeError(f".teacher.bank: {e}") from None
+    _check_images(cfg.bank, recipe.data.train)
     for key, have, want in _differences(manifest.get("identity", {}), bank_identity(recipe)):
         raise RecipeError(
             f".{key}: the bank {root} was computed with {key}={have!r}, the recipe has {want!r}; "

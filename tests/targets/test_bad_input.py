@@ -110,3 +110,23 @@ def test_bad_bank_entries_skip_and_count_or_fail_naming_the_shard(
         assert invalid == hit and loader.shard_errors == hit
         seen = {k for b in batches for k, v in zip(b["keys"], b["valid"].tolist(), strict=True) if v}
         assert len(seen) == 128 - hit
+
+
+def test_other_image_shards_are_refused_before_training(small_digits, bank_factory, tmp_path) -> None:
+    """Rewritten image shards under the same names (another sha256), or shards the bank lacks."""
+    bank = bank_factory("cae_v2", "fp16")
+    m = json.loads(Path(small_digits).read_text())
+    m["shards"][1]["sha256"] = "0" * 64
+    changed = Path(small_digits).with_name("changed.json")
+    changed.write_text(json.dumps(m))
+    with pytest.raises(
+        RecipeError, match=r"teacher\.bank: .*image shard digits-train-000001\.tar has sha256 000000"
+    ):
+        tiny_recipe("cae_v2", str(changed), "teacher.source=precomputed", f"teacher.bank={bank}")
+    r = tiny_recipe("cae_v2", str(changed))
+    with pytest.raises(ValueError, match=r"teacher\.bank: .*digits-train-000001\.tar has sha256"):
+        build_train_loader(r.data, r.mask, img_size=32, patch_size=4, batch_size=16, seed=0, rank=0,
+                           world_size=1, bank=bank)  # fmt: skip
+    full = Path(small_digits).with_name("manifest.json")  # every digits shard: more than the bank has
+    with pytest.raises(RecipeError, match=r"no target shard for image shard digits-train-000004\.tar"):
+        tiny_recipe("cae_v2", str(full), "teacher.source=precomputed", f"teacher.bank={bank}")
