@@ -361,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mimscale precompute-targets`` and ``data_prep/precompute_targets.py``."""
     import torch
 
+    from mimscale.config.paths import recipe_path
     from mimscale.registry import load_recipe
 
     p = argparse.ArgumentParser(prog="mimscale precompute-targets", description=__doc__.split("\n\n")[0])
@@ -375,8 +376,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-tasks", type=int, default=1, help="array task count (shards split evenly)")
     p.add_argument("--merge", action="store_true", help="only write the manifest from finished shards")
     a = p.parse_intermixed_args(argv)
+    try:
+        parse_encoding(a.encoding)
+    except ValueError as e:
+        p.error(str(e))
+    if a.views < 1 or a.batch < 1:
+        p.error(f"--views and --batch must be >= 1 (got {a.views}, {a.batch})")
     # The bank is written for teacher.source: online semantics (the teacher itself runs here).
-    recipe = load_recipe(a.recipe, [*a.overrides, "teacher.source=online"])
+    recipe = load_recipe(recipe_path(a.recipe), [*a.overrides, "teacher.source=online"])
     local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
     device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
     job = Precompute(recipe, a.out, views=a.views, encoding=a.encoding, batch=a.batch, device=device,
