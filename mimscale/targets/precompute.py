@@ -59,6 +59,19 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _write_once(path: Path, text: str) -> None:
+    """Create ``path`` atomically unless it exists: the first process to finish wins, and a file
+    another process has already read is never replaced (the PCA basis every shard is encoded with)."""
+    tmp = path.with_name(path.name + f".partial{os.getpid()}")
+    tmp.write_text(text)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -198,7 +211,7 @@ class Precompute:
                 if len(items) >= self.pca_images * self.k:
                     break
             tokens, _ = self._teacher(items[: self.pca_images * self.k])
-            _atomic_write(path, json.dumps(fit_pca(tokens, self.enc.pca_dim).to_json()))
+            _write_once(path, json.dumps(fit_pca(tokens, self.enc.pca_dim).to_json()))
         return Pca.from_json(json.loads(path.read_text()))  # every process uses the same bytes
 
     def shard_done(self, i: int) -> bool:

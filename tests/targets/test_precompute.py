@@ -65,3 +65,13 @@ def test_two_processes_equal_one_and_an_interrupted_run_resumes_identically(smal
     # a rerun with another config never mixes its shards into this bank
     with pytest.raises(ValueError, match=r"another encoding \('int8', now 'fp16'\); use a new --out"):
         Precompute(tiny_recipe("cae_v2", small_digits), cut, views=2, encoding="fp16", batch=32).run()
+
+
+def test_pca_basis_file_is_written_once(tmp_path) -> None:
+    """Array tasks fit the basis concurrently: the first file stays, later ones never replace it."""
+    from mimscale.targets.precompute import _write_once
+
+    _write_once(tmp_path / "pca.json", "first")
+    _write_once(tmp_path / "pca.json", "second")
+    assert (tmp_path / "pca.json").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["pca.json"]  # no temporary file left behind
