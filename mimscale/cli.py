@@ -59,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mimscale.demo.run import run_demo
 
-    return run_demo(method=args.method, out=Path(args.out), overrides=args.overrides)
+    return run_demo(method=args.method, out=Path(args.out), overrides=args.overrides, teacher=args.teacher)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="the whole path on a CPU in minutes (embedded digits data)")
     s.add_argument("--method", default="mae")
     s.add_argument("--out", default="runs/demo")
+    s.add_argument("--teacher", choices=["online", "precomputed"], default="online")
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_demo)
 
