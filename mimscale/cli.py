@@ -101,7 +101,7 @@ def launch(cmd: list[str]) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mimscale.demo.run import run_demo
 
-    return run_demo(method=args.method, out=Path(args.out), overrides=args.overrides)
+    return run_demo(method=args.method, out=Path(args.out), overrides=args.overrides, teacher=args.teacher)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -153,6 +153,10 @@ DELEGATED = {
     "export": ("mimscale.eval.export", "checkpoint encoder -> timm-keyed .safetensors"),
     "import-weights": ("mimscale.eval.import_weights", "official MAE/SimMIM/CAE v2/LUT weights -> run"),
     "diagnose": ("mimscale.eval.diagnostics", "attention distance, MTO heterogeneity, SV spectrum, RAUC"),
+    "precompute-targets": (
+        "mimscale.targets.precompute",
+        "teacher targets of K views per image -> a bank",
+    ),
 }
 
 
@@ -181,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="the whole path on a CPU in minutes (embedded digits data)")
     s.add_argument("--method", default="mae")
     s.add_argument("--out", default="runs/demo")
+    s.add_argument("--teacher", choices=["online", "precomputed"], default="online")
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_demo)
 

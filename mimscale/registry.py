@@ -18,6 +18,7 @@ from mimscale.config import Recipe, RecipeError, loader
 from mimscale.eval import section as eval_section
 from mimscale.methods import METHODS, Method
 from mimscale.methods import mto as mto_plugin
+from mimscale.targets import check as targets_check
 
 
 def method_configs() -> dict[str, type]:
@@ -30,6 +31,7 @@ PLUGIN_CHECKS: tuple[Callable[[Recipe, type[Method]], None], ...] = (
     teachers.check_recipe,
     mto_plugin.check_recipe,
     eval_section.check_recipe,
+    targets_check.check_recipe,
 )
 
 

@@ -10,6 +10,10 @@ step (:func:`mimscale.engine.loop.train_step`) on one synthetic micro-batch (acc
 - ``amortised``: ``mask.repeats`` M = 1, 2, 4 with the student batch fixed (B / M views, M masks
   each, one teacher forward per view): step time per student image and per view.
 - ``offload``: the same step with the teacher in DeepSpeed ZeRO-Inference (weights in host memory).
+- ``precomputed``: the same step fed stored targets of each encoding (fp32, fp16, int8, pca:D,
+  pca:D:int8; decoded on the device by the precomputed provider), alternated with ``online`` and
+  ``none``; per encoding the fidelity (per-token cosine, PCA explained variance), bytes per view,
+  the storage for ImageNet-1k at K = 1, 10, 100, and one data worker's target-read rate.
 - FLOPs counted by ``torch.utils.flop_counter`` (student forward + backward and teacher forward);
   on GPU also images/s, peak memory and MFU counting the teacher's FLOPs (H100 bf16 dense 989 TF/s).
 """
@@ -124,6 +128,7 @@ def run_bench(recipe, steps: int, warmup: int = 2) -> dict[str, Any]:
         out.update(peak_mem_gib=mem_online, gpu=torch.cuda.get_device_name())
         out["mfu_with_teacher"] = (student_flops + teacher_flops) / online / H100_BF16_FLOPS
     out["offload"] = _offload(recipe, provider, step, batch, dev, dtype, steps, warmup, online)
+    out["precomputed"] = _precomputed(recipe, provider, step, batch, dev, dtype, steps, warmup)
     return out
 
 
@@ -144,6 +149,125 @@ def _offload(recipe, resident, step, batch, dev, dtype, steps: int, warmup: int,
     if dev.type == "cuda":
         res["peak_mem_gib"] = mem
     return res
+
+
+# --------------------------------------------------------------------------- precomputed targets
+
+
+def _encodings(channels: int) -> list[str]:
+    d = max(1, channels // 8)  # pca:64 for a 512-d CLIP-B/16 target
+    return ["fp32", "fp16", "int8", f"pca:{d}", f"pca:{d}:int8"]
+
+
+def _encoded(provider, batch: dict[str, Any], dev, dtype) -> dict[str, tuple[dict, Any, float | None]]:
+    """Per encoding: ``(batch with stored targets, precomputed provider, explained variance)``,
+    encoded from the online teacher's outputs on the batch (PCA fitted on them)."""
+    from mimscale.engine.loop import prepare_batch
+    from mimscale.targets.encoding import encode, fit_pca, parse_encoding
+    from mimscale.targets.provider import PrecomputedProvider
+
+    exact = provider(prepare_batch(batch, dev, dtype))
+    tokens = exact.tokens.float().cpu().numpy()
+    out = {}
+    for name in _encodings(tokens.shape[-1]):
+        enc = parse_encoding(name)
+        pca = fit_pca(tokens, enc.pca_dim) if enc.pca_dim else None
+        stored = {k: torch.from_numpy(v) for k, v in encode(tokens, enc, pca).items()}
+        if exact.cls_attn is not None:
+            stored["cls_attn"] = exact.cls_attn.float().cpu()
+        manifest = {"encoding": name, "pca": pca.to_json() if pca else None, "views_per_image": 1,
+                    "teacher_built": None}  # fmt: skip
+        prov = PrecomputedProvider(manifest, "<bench>", dev, provider.dtype)
+        out[name] = ({**batch, "teacher": stored}, prov, pca.explained_variance if pca else None)
+    return out
+
+
+def _alternated(fns: dict[str, Callable[[], Any]], steps: int, warmup: int, dev, rounds: int = 3) -> dict:
+    """Median step seconds per mode, the modes alternated round by round (drift hits all alike)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up calls, untimed
+        for _ in range(warmup):
+            fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn, steps, 0, dev)[0])
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _precomputed(recipe, provider, step, batch, dev, dtype, steps: int, warmup: int) -> dict[str, Any]:
+    """Step time online / precomputed (each encoding) / no teacher, alternated; fidelity, bytes
+    per view, the ImageNet-1k storage table and the target-read throughput of one data worker."""
+    from mimscale.engine.loop import prepare_batch
+
+    encoded = _encoded(provider, batch, dev, dtype)
+    exact = provider(prepare_batch(batch, dev, dtype))
+    fns = {"online": lambda: step(batch, provider), "none": lambda: step(batch, lambda _b: exact)}
+    fns |= {f"precomputed_{k}": (lambda b=b, p=p: step(b, p)) for k, (b, p, _) in encoded.items()}
+    t = _alternated(fns, steps, warmup, dev)
+    out: dict[str, Any] = {"step_s": t, "encodings": {}}
+    grid, channels = exact.tokens.shape[1], exact.tokens.shape[2]
+    for name, (b, p, ev) in encoded.items():
+        got = p(prepare_batch(b, dev, dtype)).tokens.float()
+        cos = torch.nn.functional.cosine_similarity(got, exact.tokens.float(), dim=-1)
+        per_view = _bytes_per_view(recipe, name, grid, channels, exact.cls_attn is not None)
+        out["encodings"][name] = {
+            "bytes_per_view": per_view, "cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(),
+            "explained_variance": ev, "step_vs_none": t[f"precomputed_{name}"] / t["none"],
+            "imagenet1k_storage_gb": {f"K={k}": per_view * k * IMAGENET_1K / 1e9 for k in (1, 10, 100)},
+            "read": _read_throughput(recipe, name, grid, channels, exact.cls_attn is not None),
+        }  # fmt: skip
+    return out
+
+
+IMAGENET_1K = 1_281_167
+
+
+def _bytes_per_view(recipe, name: str, tokens: int, channels: int, cls_attn: bool) -> int:
+    from mimscale.targets.bank import record_dtype, record_fields
+    from mimscale.targets.encoding import parse_encoding
+
+    e = parse_encoding(name)
+    fields = record_fields(len(recipe.data.views), tokens, channels, e.code_dtype, e.code_width(channels),
+                           e.int8, tokens - 1 if cls_attn else None)  # fmt: skip
+    return record_dtype(fields).itemsize
+
+
+def _read_throughput(recipe, name: str, tokens: int, channels: int, cls_attn: bool, n: int = 256) -> dict:
+    """One worker reading random (image, view) records of a synthetic bank (warm page cache: the
+    reader's own cost; a cold disk adds its latency per record)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from mimscale.targets.bank import FORMAT, BankReader, record_dtype, record_fields, with_crc, write_shard
+    from mimscale.targets.encoding import parse_encoding
+
+    e, k = parse_encoding(name), 4
+    fields = record_fields(len(recipe.data.views), tokens, channels, e.code_dtype, e.code_width(channels),
+                           e.int8, tokens - 1 if cls_attn else None)  # fmt: skip
+    dt = record_dtype(fields)
+    rng = np.random.default_rng(0)
+    records = np.frombuffer(rng.bytes(dt.itemsize * n * k), dt).copy()
+    with tempfile.TemporaryDirectory() as tmp:
+        keys = [f"{i:08d}" for i in range(n)]
+        header = {
+            "image_shard": "s.tar",
+            "count": n,
+            "views_per_image": k,
+            "record_bytes": dt.itemsize,
+            "keys": keys,
+        }
+        write_shard(Path(tmp) / "s.tgt", header, with_crc(records))
+        manifest = {"format": FORMAT, "views_per_image": k, "record": fields,
+                    "shards": [{"image": "s.tar", "file": "s.tgt"}]}  # fmt: skip
+        (Path(tmp) / "manifest.json").write_text(json.dumps(manifest))
+        reader = BankReader(tmp)
+        order = rng.permutation(n * k)
+        t0 = time.perf_counter()
+        for i in order:
+            reader.record("s.tar", keys[i // k], int(i % k))
+        dt_s = time.perf_counter() - t0
+    return {"views_per_s": n * k / dt_s, "mb_per_s": n * k * records.dtype.itemsize / dt_s / 1e6}
 
 
 def main(argv: list[str] | None = None) -> int:

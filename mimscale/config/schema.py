@@ -161,6 +161,10 @@ class TeacherConfig:
     std: list[float] | None = None
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     offload: bool = False  # DeepSpeed ZeRO-Inference: weights in host memory, streamed per block
+    # online: run the teacher every step; precomputed: read its targets from a bank written by
+    # `mimscale precompute-targets` (teacher.bank: the bank's directory or its manifest.json).
+    source: Literal["online", "precomputed"] = "online"
+    bank: str = ""
     # Architecture overrides for tiny random teachers (CPU tests / demo; need allow_random).
     width: int | None = None
     depth: int | None = None

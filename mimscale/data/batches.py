@@ -23,8 +23,9 @@ from mimscale.data.reader import (
     resampled_stream,
     shuffled,
 )
-from mimscale.data.transforms import augment_sample
+from mimscale.data.transforms import augment_sample, render_views
 from mimscale.masking import build_mask_generator
+from mimscale.targets.bank import pick_view
 
 __all__ = ["IMAGE_KEYS", "EpochDataset"]
 
@@ -73,13 +74,21 @@ class EpochDataset(torch.utils.data.IterableDataset):
             samples = [take() for _ in range(b)]
             yield self._collate(samples, index, worker, head, policy, masker)
 
-    def _decode(
-        self, sample: dict[str, Any], rng: np.random.Generator
-    ) -> tuple[list[np.ndarray], np.ndarray]:
+    def _decode(self, sample: dict[str, Any], rng: np.random.Generator) -> tuple[Any, ...]:
+        """``(images, crop records, targets or None)`` of one sample."""
         key = next((k for k in IMAGE_KEYS if k in sample), None)
         if key is None:
             raise ValueError(f"no image entry (looked for {', '.join(IMAGE_KEYS)}); has {sorted(sample)}")
-        return augment_sample(sample[key], self.spec.views, rng, draft=self.spec.draft)
+        spec = self.spec
+        if spec.bank is None:
+            return (*augment_sample(sample[key], spec.views, rng, draft=spec.draft), None)
+        # Precomputed teacher: replay the bank's view k (its crop and colours) pixel-exactly, so the
+        # student sees exactly what the teacher saw; k depends on (seed, epoch, key) only.
+        k = pick_view(spec.seed, spec.epoch, sample["__key__"], spec.bank.views_per_image)
+        rec = spec.bank.record(sample.get("__url__", ""), sample["__key__"], k)
+        replay = rec["replay"]
+        images = render_views(sample[key], spec.views, replay, draft=spec.draft)
+        return images, replay[:, :7], {n: rec[n] for n in spec.bank.target_fields}
 
     def _pad(self, head: list[dict[str, Any]], q: int, worker: int) -> tuple[Any, ...]:
         """A padding sample for position ``q``: a decodable head sample, or zeros if none is."""
@@ -90,7 +99,7 @@ class EpochDataset(torch.utils.data.IterableDataset):
             except Exception:  # noqa: BLE001 - already counted when it was first decoded
                 continue
         zeros = [np.zeros((3, v.size, v.size), np.uint8) for v in self.spec.views]
-        return zeros, np.zeros((len(self.spec.views), 7)), "", -1
+        return zeros, np.zeros((len(self.spec.views), 7)), None, "", -1
 
     def _collate(
         self,
@@ -107,6 +116,7 @@ class EpochDataset(torch.utils.data.IterableDataset):
         views = [np.empty((b, 3, v.size, v.size), np.uint8) for v in spec.views]
         crops = np.zeros((b, len(spec.views), 7), np.float32)
         labels, keys, valid = np.full(b, -1, np.int64), [""] * b, np.zeros(b, bool)
+        targets = spec.bank.empty(b) if spec.bank is not None else None
         for i, s in enumerate(samples):
             q = local * b + i  # position in this worker's stream: seeds the sample's augmentation
             out = None
@@ -118,9 +128,12 @@ class EpochDataset(torch.utils.data.IterableDataset):
                     policy.bad_sample(s, e)
             if out is None:
                 out = self._pad(head, q, worker)
-            images, crops[i], keys[i], labels[i] = out
+            images, crops[i], row, keys[i], labels[i] = out
             for v, img in enumerate(images):
                 views[v][i] = img
+            if targets is not None and row is not None:
+                for name, value in row.items():
+                    targets[name][i] = value
         batch: dict[str, Any] = {
             "views": [torch.from_numpy(v) for v in views],
             "crops": torch.from_numpy(crops),
@@ -130,6 +143,8 @@ class EpochDataset(torch.utils.data.IterableDataset):
             "n_skipped": policy.count,
             "batch_index": index,
         }
+        if targets is not None:  # encoded teacher targets, decoded on the device by the provider
+            batch["teacher"] = {name: torch.from_numpy(a) for name, a in targets.items()}
         if masker is not None:
             rng = spec.rng(worker, MASK, local)
             repeats = spec.mask.repeats if spec.mask is not None else 1

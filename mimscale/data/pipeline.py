@@ -231,6 +231,7 @@ def build_train_loader(
     seed: int,
     rank: int,
     world_size: int,
+    bank: str | None = None,
 ) -> ShardLoader:
     """The training loader of one rank.
 
@@ -243,6 +244,9 @@ def build_train_loader(
         seed: run seed.
         rank: this rank.
         world_size: number of ranks.
+        bank: a precomputed teacher-target bank (``teacher.source: precomputed``): every sample
+            replays one of the bank's stored views and its batch carries ``teacher`` (the encoded
+            targets, see :class:`mimscale.targets.bank.BankReader`).
 
     Returns:
         A :class:`ShardLoader` with ``batches_per_epoch`` equal on every rank:
@@ -288,8 +292,21 @@ def build_train_loader(
         shuffle_buffer=data.shuffle_buffer,
         on_error=data.on_error,
         draft=data.draft,
+        bank=_bank_reader(bank, source) if bank else None,
     )
     return ShardLoader(spec, data.num_workers)
+
+
+def _bank_reader(bank: str, source: ShardSource) -> Any:
+    """The bank's reader, checked to cover every image shard of ``data.train``, same bytes."""
+    from mimscale.targets.bank import BankError, BankReader
+
+    reader = BankReader(bank)
+    try:
+        reader.check_images(source.urls, source.sha256)
+    except BankError as e:
+        raise ValueError(f"teacher.bank: {e}") from None
+    return reader
 
 
 def _resolve(spec: str, key: str) -> ShardSource:

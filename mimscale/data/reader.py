@@ -61,6 +61,9 @@ class EpochSpec:
     draft: bool
     epoch: int = 0
     start: int = 0  # first global batch index to produce (resume position)
+    # teacher.source: precomputed: a mimscale.targets.bank.BankReader; each sample replays one of
+    # the bank's K stored views (chosen by (seed, epoch, key)) and carries its teacher targets.
+    bank: Any = None
 
     def rng(self, worker: int, tag: int, index: int = 0) -> np.random.Generator:
         """The generator of one random stream; a pure function of its coordinates."""

@@ -31,11 +31,17 @@ if TYPE_CHECKING:
 __all__ = [
     "CENTER_CROP_FRACTION",
     "SIMPLE_CROP_PADDING",
+    "PHOTOMETRIC_FIELDS",
+    "REPLAY_FIELDS",
+    "apply_photometric",
     "augment_sample",
     "draft_factor",
+    "draw_replay",
+    "render_views",
     "replay_crop",
     "oriented_size",
     "sample_crop",
+    "sample_photometric",
     "to_chw",
     "to_rgb",
 ]
@@ -213,29 +219,61 @@ def replay_crop(
     return to_chw(_geometric(img, reduction, record, view))
 
 
-def _color_jitter(img: Image.Image, strength: float, rng: np.random.Generator) -> Image.Image:
-    """torchvision ColorJitter(s, s, s, s/4) semantics: random order, factors from ``rng``."""
-    import torchvision.transforms.functional as tf  # heavy; imported only when jitter is on
-
-    lo = max(0.0, 1.0 - strength)
-    factors = [rng.uniform(lo, 1.0 + strength) for _ in range(3)] + [rng.uniform(-strength / 4, strength / 4)]
-    ops = (tf.adjust_brightness, tf.adjust_contrast, tf.adjust_saturation, tf.adjust_hue)
-    for i in rng.permutation(4):
-        img = ops[i](img, factors[i])
-    return img
+# Photometric record of one view (13 floats), drawn before any pixel is touched so a view can be
+# replayed from its record alone: (jitter_on, brightness, contrast, saturation, hue, order x 4,
+# grayscale_on, blur_on, blur_sigma, solarize_on). Unused entries are 0.
+PHOTOMETRIC_FIELDS = 13
+REPLAY_FIELDS = 7 + PHOTOMETRIC_FIELDS
 
 
-def _photometric(img: Image.Image, view: ViewConfig, rng: np.random.Generator) -> Image.Image:
-    """Colour jitter, grayscale, gaussian blur (sigma ~ U(0.1, 2), SimCLR/BYOL), solarise (128)."""
-    if view.color_jitter > 0 and rng.random() < view.color_jitter_p:
-        img = _color_jitter(img, view.color_jitter, rng)
+def sample_photometric(view: ViewConfig, rng: np.random.Generator) -> np.ndarray:
+    """Draw one view's photometric parameters (float64 ``[13]``).
+
+    The draws follow torchvision ColorJitter(s, s, s, s/4) (random order), then grayscale,
+    gaussian blur (sigma ~ U(0.1, 2), SimCLR/BYOL) and solarise, in that order; the random
+    stream is consumed exactly as by applying them one after the other.
+    """
+    p = np.zeros(PHOTOMETRIC_FIELDS, np.float64)
+    s = view.color_jitter
+    if s > 0 and rng.random() < view.color_jitter_p:
+        lo = max(0.0, 1.0 - s)
+        p[0] = 1.0
+        p[1:4] = [rng.uniform(lo, 1.0 + s) for _ in range(3)]
+        p[4] = rng.uniform(-s / 4, s / 4)
+        p[5:9] = rng.permutation(4)
     if view.grayscale_p > 0 and rng.random() < view.grayscale_p:
-        img = img.convert("L").convert("RGB")
+        p[9] = 1.0
     if view.blur_p > 0 and rng.random() < view.blur_p:
-        img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.1, 2.0))))
+        p[10], p[11] = 1.0, float(rng.uniform(0.1, 2.0))
     if view.solarize_p > 0 and rng.random() < view.solarize_p:
+        p[12] = 1.0
+    return p
+
+
+def apply_photometric(img: Image.Image, params: Sequence[float]) -> Image.Image:
+    """Apply a photometric record (:func:`sample_photometric`) to an RGB image."""
+    p = [float(x) for x in params]
+    if p[0]:
+        import torchvision.transforms.functional as tf  # heavy; imported only when jitter is on
+
+        ops = (tf.adjust_brightness, tf.adjust_contrast, tf.adjust_saturation, tf.adjust_hue)
+        for i in (int(x) for x in p[5:9]):
+            img = ops[i](img, p[1 + i])
+    if p[9]:
+        img = img.convert("L").convert("RGB")
+    if p[10]:
+        img = img.filter(ImageFilter.GaussianBlur(radius=p[11]))
+    if p[12]:
         img = ImageOps.solarize(img, threshold=128)
     return img
+
+
+def draw_replay(src_h: int, src_w: int, views: Sequence[ViewConfig], rng: np.random.Generator) -> np.ndarray:
+    """Every view's full replay record, float64 ``[V, 20]``: the 7-float crop record then the
+    13 photometric floats. Geometry of all views is drawn first, then each view's colours."""
+    geo = [sample_crop(src_h, src_w, v, rng) for v in views]
+    pho = [sample_photometric(v, rng) for v in views]
+    return np.concatenate([np.stack(geo), np.stack(pho)], axis=1)
 
 
 def to_chw(img: Image.Image) -> np.ndarray:
@@ -243,13 +281,35 @@ def to_chw(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 
+def render_views(
+    data: bytes, views: Sequence[ViewConfig], replay: np.ndarray, draft: bool = True
+) -> list[np.ndarray]:
+    """The pixels of every view from its replay record (:func:`draw_replay`), bit for bit.
+
+    The image is decoded once per distinct draft reduction (usually once in total).
+
+    Returns:
+        a list of uint8 ``[3, size_v, size_v]`` arrays, one per view.
+    """
+    decoded: dict[int, tuple[Image.Image, int]] = {}
+    images = []
+    for view, record in zip(views, replay, strict=True):
+        factor = draft_factor(record[:7], view) if draft else 1
+        if factor not in decoded:
+            decoded[factor] = _decode(data, factor)
+        img, reduction = decoded[factor]
+        out = apply_photometric(_geometric(img, reduction, record[:7], view), record[7:])
+        images.append(to_chw(out))
+    return images
+
+
 def augment_sample(
     data: bytes, views: Sequence[ViewConfig], rng: np.random.Generator, draft: bool = True
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Decode one encoded image and produce all its views.
 
-    The image is decoded once per distinct draft reduction (usually once in total), the
-    geometry of every view is drawn first, then each view's colour augmentations.
+    The geometry of every view is drawn first, then each view's colour augmentations
+    (:func:`draw_replay`), then the pixels are made from those records (:func:`render_views`).
 
     Args:
         data: encoded image bytes (any format PIL reads).
@@ -265,14 +325,5 @@ def augment_sample(
         PIL.UnidentifiedImageError, OSError: when the bytes are not a decodable image.
     """
     src_w, src_h = oriented_size(Image.open(io.BytesIO(data)))
-    records = np.stack([sample_crop(src_h, src_w, v, rng) for v in views])
-    decoded: dict[int, tuple[Image.Image, int]] = {}
-    images = []
-    for view, record in zip(views, records, strict=True):
-        factor = draft_factor(record, view) if draft else 1
-        if factor not in decoded:
-            decoded[factor] = _decode(data, factor)
-        img, reduction = decoded[factor]
-        out = _photometric(_geometric(img, reduction, record, view), view, rng)
-        images.append(to_chw(out))
-    return images, records
+    replay = draw_replay(src_h, src_w, views, rng)
+    return render_views(data, views, replay, draft), replay[:, :7]

@@ -86,8 +86,13 @@ def eval_every(recipe: Any, num_train: int, times: int = 5) -> int:
     return max(1, int(steps) // times)
 
 
-def run_demo(method: str = "mae", out: Path = Path("runs/demo"), overrides: list[str] | None = None) -> int:
-    """Run the demo; returns a process exit code."""
+def run_demo(
+    method: str = "mae",
+    out: Path = Path("runs/demo"),
+    overrides: list[str] | None = None,
+    teacher: str = "online",
+) -> int:
+    """Run the demo (``teacher="precomputed"``: from a bank written first); returns an exit code."""
     from mimscale.demo.data import write_digits_shards
 
     recipes = demo_recipes()
@@ -104,6 +109,10 @@ def run_demo(method: str = "mae", out: Path = Path("runs/demo"), overrides: list
     ]
     base += DEMO_EVAL  # kNN + linear probe on the held-out digits during and after pre-training
     base += DEMO_OVERRIDES.get(method, [])
+    if teacher == "precomputed":  # write a small bank of the digits first, then train from it
+        from mimscale.targets.demo import demo_bank
+
+        base += demo_bank(_resolve(recipes[method]), [*base, *(overrides or [])], out)
     recipe = load_recipe(_resolve(recipes[method]), [*base, *(overrides or [])])
     if recipe.eval.every == 0:
         recipe.eval.every = eval_every(recipe, paths["num_train"])

@@ -113,6 +113,7 @@ class Trainer:
             seed=recipe.run.seed,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
+            bank=recipe.teacher.bank if recipe.teacher.source == "precomputed" else None,
         )
         samples = self.loader.batches_per_epoch * t.micro_batch * self.dist.world_size
         self.d: Derived = derive(recipe, self.dist.world_size, samples)

@@ -49,6 +49,8 @@ def keep_valid_rows(batch: dict[str, Any]) -> dict[str, Any]:
             out[key] = batch[key][keep]
     if "keys" in batch:
         out["keys"] = [batch["keys"][i] for i in keep.tolist()]
+    if "teacher" in batch:  # precomputed targets: one row per view
+        out["teacher"] = {k: v[keep] for k, v in batch["teacher"].items()}
     if "mask" in batch:
         repeats = batch["mask"].shape[0] // valid.shape[0]
         rows = (keep.unsqueeze(1) * repeats + torch.arange(repeats)).flatten()
@@ -107,6 +109,10 @@ def build_target_provider(recipe: Recipe, device: torch.device) -> Any:
 
     if not METHODS[recipe.method].needs_teacher:
         return None
+    if recipe.teacher.source == "precomputed":  # targets come with the batch, decoded on the device
+        from mimscale.targets.provider import build_precomputed_provider
+
+        return build_precomputed_provider(recipe, device)
     from mimscale.teachers import build_provider
 
     return build_provider(recipe, device)
