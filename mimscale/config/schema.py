@@ -157,12 +157,16 @@ class TeacherConfig:
     std: list[float] | None = None
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     offload: bool = False  # DeepSpeed ZeRO-Inference: weights in host memory, streamed per block
-    # Architecture overrides for tiny random teachers (CPU tests / demo; need allow_random).
+    # Architecture of a tiny random teacher (CPU tests / demo; needs allow_random). With a weights
+    # file the architecture is read from the file: a key set here must equal the file's value.
     width: int | None = None
     depth: int | None = None
     heads: int | None = None
     patch_size: int | None = None
     out_dim: int | None = None
+    # A weights file whose patch differs from teacher.patch_size: resample its patch embedding
+    # (timm's resample_patch_embed, logged) instead of stopping. Off: a resize is never silent.
+    resize_patch_embed: bool = False
 
     def arch_overrides(self) -> dict[str, int]:
         """The architecture keys that are set (tiny random teachers)."""
