@@ -7,8 +7,9 @@ checks it on the held-out split, and writes it as a plain timm ``safetensors`` f
 then plugs it in exactly as a user brings a teacher (:func:`teacher_overrides`: ``teacher.kind=timm``,
 ``teacher.pretrained=FILE``, the architecture read from the file).
 
-Measured (2 busy CPU cores, 25 epochs): 97.5% held-out top-1 after 20 epochs, about 80 CPU-seconds
-per 10 epochs. The file is cached beside the demo runs and reused when its settings match.
+Measured on 2 shared CPU cores: 20 epochs gave 95.5% held-out top-1 in 91 s, a 25-epoch schedule
+96.7-97.5%; the default is 25 epochs for a margin over the 95% bar. The file is cached beside the
+demo runs (``OUT/teacher``) and reused when its settings match.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class TeacherRecipe:
     mlp_ratio: float = 2.0
     patch_size: int = 4
     img_size: int = 32
-    epochs: int = 20
+    epochs: int = 25
     batch: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.05
