@@ -99,9 +99,19 @@ def launch(cmd: list[str]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.compare:
+        from mimscale.demo.compare import run_compare
+
+        return run_compare(args.compare, Path(args.out), args.overrides, args.teacher)
     from mimscale.demo.run import run_demo
 
-    return run_demo(method=args.method, out=Path(args.out), overrides=args.overrides, teacher=args.teacher)
+    return run_demo(
+        method=args.method,
+        out=Path(args.out),
+        overrides=args.overrides,
+        teacher=args.teacher,
+        targets=args.targets,
+    )
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -185,7 +195,24 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="the whole path on a CPU in minutes (embedded digits data)")
     s.add_argument("--method", default="mae")
     s.add_argument("--out", default="runs/demo")
-    s.add_argument("--teacher", choices=["online", "precomputed"], default="online")
+    s.add_argument(
+        "--compare",
+        default="",
+        metavar="M1,M2,...",
+        help="run these methods like for like (e.g. mae,cae_v2,mr_mae,lc_mae,mae_mto; slower)",
+    )
+    s.add_argument(
+        "--teacher",
+        choices=["trained", "random"],
+        default="trained",
+        help="CAE v2 / MR-MAE: a supervised digits ViT (default) or a random one (control)",
+    )
+    s.add_argument(
+        "--targets",
+        choices=["online", "precomputed"],
+        default="online",
+        help="CAE v2 / MR-MAE: run the teacher every step, or precompute a bank of its targets first",
+    )
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_demo)
 

@@ -26,13 +26,21 @@ def _commands(text: str) -> list[str]:
 
 
 def readme_lines() -> list[tuple[str, str]]:
-    out, in_bash = [], False
+    """Every launch command in the README's bash blocks (a line ending in ``\\`` continues)."""
+    out, in_bash, held, start = [], False, "", 0
     for n, line in enumerate((REPO / "README.md").read_text().splitlines(), 1):
         if line.startswith("```"):
             in_bash = line.strip() == "```bash"
             continue
-        if in_bash:
-            out += [(f"README.md:{n}", c) for c in _commands(line)]
+        if not in_bash:
+            continue
+        if not held:
+            start = n
+        if line.rstrip().endswith("\\"):
+            held += line.rstrip()[:-1] + " "
+            continue
+        out += [(f"README.md:{start}", c) for c in _commands(held + line)]
+        held = ""
     return out
 
 

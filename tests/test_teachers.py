@@ -204,9 +204,10 @@ def test_timm_teacher_cls_attention_and_features() -> None:
         "teacher.pretrained=default",
     )
     p = build_provider(r, torch.device("cpu"))
-    assert p.metadata["mean"] is None and p._mean.flatten().tolist() == pytest.approx(
-        [0.485 * 255, 0.456 * 255, 0.406 * 255]
-    )  # DINO: ImageNet normalisation from timm's config
+    assert p._mean.flatten().tolist() == pytest.approx([0.485 * 255, 0.456 * 255, 0.406 * 255])
+    # DINO: ImageNet normalisation from timm's config, recorded as used (not null)
+    assert p.metadata["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert p.metadata["std"] == pytest.approx([0.229, 0.224, 0.225])
     x = p.preprocess(views())
     out = p.model(x, cls_attn=True)
     with torch.no_grad():

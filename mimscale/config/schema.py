@@ -165,12 +165,16 @@ class TeacherConfig:
     # `mimscale precompute-targets` (teacher.bank: the bank's directory or its manifest.json).
     source: Literal["online", "precomputed"] = "online"
     bank: str = ""
-    # Architecture overrides for tiny random teachers (CPU tests / demo; need allow_random).
+    # Architecture of a tiny random teacher (CPU tests / demo; needs allow_random). With a weights
+    # file the architecture is read from the file: a key set here must equal the file's value.
     width: int | None = None
     depth: int | None = None
     heads: int | None = None
     patch_size: int | None = None
     out_dim: int | None = None
+    # A weights file whose patch differs from teacher.patch_size: resample its patch embedding
+    # (timm's resample_patch_embed, logged) instead of stopping. Off: a resize is never silent.
+    resize_patch_embed: bool = False
 
     def arch_overrides(self) -> dict[str, int]:
         """The architecture keys that are set (tiny random teachers)."""

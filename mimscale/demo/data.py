@@ -23,7 +23,7 @@ from PIL import Image
 from mimscale.data.manifest import read_manifest, write_manifest_files
 from mimscale.data.shards import make_shards
 
-__all__ = ["main", "write_digits_shards"]
+__all__ = ["digits_arrays", "main", "write_digits_shards"]
 
 
 def _split(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
@@ -36,12 +36,32 @@ def _split(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
     return is_val
 
 
+def _upscale(img: np.ndarray, size: int) -> Image.Image:
+    """One digit (``[8, 8]`` in 0..16) -> RGB ``size x size`` (bicubic, as every demo image)."""
+    gray = Image.fromarray(np.round(img * (255 / 16)).astype(np.uint8))
+    return gray.resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
+
+
+def digits_arrays(size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> dict[str, np.ndarray]:
+    """The demo's digits split as uint8 arrays: the exact pixels and split the shards hold.
+
+    Returns:
+        ``{"train_x": [n, 3, size, size] uint8, "train_y": [n] int64, "val_x", "val_y"}``.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    labels = digits.target.astype(np.int64)
+    is_val = _split(labels, val_fraction, seed)
+    x = np.stack([np.asarray(_upscale(img, size)) for img in digits.images]).transpose(0, 3, 1, 2)
+    return {"train_x": x[~is_val], "train_y": labels[~is_val], "val_x": x[is_val], "val_y": labels[is_val]}
+
+
 def _write_tree(root: Path, images: np.ndarray, labels: np.ndarray, size: int, fmt: str) -> None:
     """Digits (``[n, 8, 8]`` in 0..16) -> ``root/<label>/<index>.<ext>`` RGB ``size x size``."""
     ext = {"png": "png", "jpeg": "jpg"}[fmt]
     for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
-        gray = Image.fromarray(np.round(img * (255 / 16)).astype(np.uint8))
-        rgb = gray.resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
+        rgb = _upscale(img, size)
         d = root / str(int(lab))
         d.mkdir(parents=True, exist_ok=True)
         rgb.save(d / f"{i:04d}.{ext}", **({"quality": 95} if fmt == "jpeg" else {}))

@@ -15,19 +15,43 @@ from typing import Any
 
 import torch
 
-__all__ = ["random_init_results", "report"]
+__all__ = ["initial_method", "random_init_results", "readouts", "report"]
 
 
-def random_init_results(recipe: Any) -> dict[str, float]:
-    """kNN / linear-probe accuracy of the run's step-0 (randomly initialised) encoder."""
+def initial_method(recipe: Any) -> Any:
+    """The run's step-0 method: rebuilt under ``run.seed`` as the trainer builds it."""
     from mimscale.engine.loop import seed_everything
-    from mimscale.eval.hooks import evaluate
     from mimscale.methods import build_method
 
     with torch.random.fork_rng(devices=[]):
         seed_everything(recipe.run.seed)  # as Trainer.__init__ before build_method
-        method = build_method(recipe).eval()
-    return evaluate(method, recipe, recipe.eval, torch.device("cpu"))
+        return build_method(recipe).eval()
+
+
+def random_init_results(recipe: Any) -> dict[str, float]:
+    """kNN / linear-probe accuracy of the run's step-0 (randomly initialised) encoder."""
+    from mimscale.eval.hooks import evaluate
+
+    return evaluate(initial_method(recipe), recipe, recipe.eval, torch.device("cpu"))
+
+
+def readouts(
+    method: Any, recipe: Any, pools: tuple[str, ...] = ("mean", "cls")
+) -> dict[str, dict[str, float]]:
+    """kNN and linear-probe top-1 of ``method``'s frozen encoder for each readout (pool).
+
+    Returns:
+        ``{"mean": {"knn_top1", "linear_top1"}, "cls": {...}}``.
+    """
+    from dataclasses import replace
+
+    from mimscale.eval.hooks import evaluate
+
+    out = {}
+    for pool in pools:
+        res = evaluate(method, recipe, replace(recipe.eval, pool=pool), torch.device("cpu"))
+        out[pool] = {k: res[k] for k in ("knn_top1", "linear_top1")}
+    return out
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
@@ -60,13 +84,16 @@ def _plot(recs: list[dict[str, Any]], rand: dict[str, float], out: Path, title: 
     plt.close(fig)
 
 
-def report(recipe: Any, run_dir: str | Path, seconds: float | None = None) -> dict[str, Any]:
+def report(
+    recipe: Any, run_dir: str | Path, seconds: float | None = None, teacher: str | None = None
+) -> dict[str, Any]:
     """Compare the trained encoder with its random initialisation; print, write JSON and PNG.
 
     Args:
         recipe: the demo's recipe (with the ``eval`` section on).
         run_dir: the finished run (its ``metrics.jsonl`` holds the hook's ``eval/*`` records).
-        seconds: pre-training wall time, recorded in the JSON.
+        seconds: wall time (teacher training included when there was one), recorded in the JSON.
+        teacher: what the teacher was (printed and recorded), None for methods without one.
 
     Returns:
         ``{"random_init": {...}, "pretrained": {...}, "steps", "png", ...}``.
@@ -88,6 +115,7 @@ def report(recipe: Any, run_dir: str | Path, seconds: float | None = None) -> di
         "steps": last["step"],
         "pretrain_seconds": seconds,
         "pool": recipe.eval.pool,
+        "teacher": teacher,
         "random_init": {k: rand[k] for k in trained},
         "pretrained": trained,
         "num_train": rand["num_train"],
@@ -102,5 +130,7 @@ def report(recipe: Any, run_dir: str | Path, seconds: float | None = None) -> di
     print(f"  {row:<36} {rand['knn_top1']:>9.1f}% {rand['linear_top1']:>12.1f}%")
     name = f"pre-trained ({recipe.method}, {last['step']} steps)"
     print(f"  {name:<36} {trained['knn_top1']:>9.1f}% {trained['linear_top1']:>12.1f}%")
+    if teacher:
+        print(f"  teacher: {teacher}")
     print(f"[mimscale demo] curves: {png}")
     return res

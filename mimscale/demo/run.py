@@ -6,6 +6,14 @@ linear probe on the held-out split), then compares the encoder with the same enc
 initialisation (:mod:`mimscale.demo.report`: a table, ``demo_results.json`` and
 ``demo_curves.png`` in the run directory).
 
+Every method runs with the same student (the ``cpu_tiny`` ViT: 32 px, patch 4, width 96, depth 4),
+the same steps and batch, and the same readouts; what a method's own recipe sets differently
+(mask, learning rate, views, teacher) is printed before it trains. Methods with a teacher
+(CAE v2, MR-MAE) get a real one by default: a small supervised ViT trained on the digits train
+split first (:mod:`mimscale.demo.teacher`, cached in ``OUT/teacher``); ``--teacher random`` keeps
+the tiny random teacher as a labelled control. ``--compare`` runs several methods like for like
+(:mod:`mimscale.demo.compare`).
+
 The demos are the shipped tiny recipes (:func:`demo_recipes`): ``recipes/<method>/cpu_tiny.yaml``
 is ``--method <method>``, and a plug-in's ``recipes/<plugin>/<host>_cpu_tiny.yaml`` is
 ``--method <host>_<plugin>`` (e.g. ``mto/mae_cpu_tiny.yaml``: ``mae_mto``).
@@ -15,28 +23,23 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from mimscale.registry import METHODS, load_recipe
 
-__all__ = ["DEMO_EVAL", "DEMO_OVERRIDES", "demo_recipes", "eval_every", "run_demo"]
+__all__ = ["DEMO_EVAL", "DEMO_STEPS", "demo_recipes", "describe", "eval_every", "prepare", "run_demo"]
 
 TINY = "cpu_tiny.yaml"
+Teacher = Literal["trained", "random"]
 
-# Recipe overrides that turn the evaluation hook on for the demo (kNN + fast linear probe on the
-# held-out split, five times during pre-training and at the end).
-DEMO_EVAL = ["eval.at_end=true", "eval.knn=true", "eval.linear=true", "eval.batch_size=512"]
-
-# Per-method demo settings, applied after DEMO_EVAL and before the user's overrides. Found on the
-# digits: with 4-px patches of the bicubic-upscaled 8 x 8 scans, a masked patch is interpolated
-# from its neighbours and MAE's encoder learns nothing a random one does not already give (probe
-# accuracy at or below random init after 30 epochs); 8-px patches (2 x 2 original pixels, 16
-# tokens, 4 visible) make the task need the digit's shape, and the encoder overtakes its random
-# initialisation after ~600 steps. Mean-pooled patch tokens (MAE's global pool) are probed: the
-# class token gets no direct training signal in MAE.
-DEMO_OVERRIDES: dict[str, list[str]] = {
-    "mae": ["model.patch_size=8", "train.epochs=40", "optim.blr=3.0e-3", "eval.pool=mean"],
-}
+# The same for every method: the evaluation hook on (kNN + fast linear probe on the held-out
+# split, five times during pre-training and at the end), read out on mean-pooled patch tokens
+# (the [CLS] token gets no direct training signal in MAE-style methods; the final tables report
+# both readouts).
+DEMO_EVAL = ["eval.at_end=true", "eval.knn=true", "eval.linear=true", "eval.batch_size=512", "eval.pool=mean"]
+# The same for every method: 10 epochs (110 optimizer steps of 128 images) keep the default demo
+# within about 3 minutes on 2 idle cores; the tiny recipes' own 30 epochs are for `mimscale train`.
+DEMO_STEPS = ["train.epochs=10"]
 
 
 def _recipe_root() -> Path:
@@ -86,36 +89,88 @@ def eval_every(recipe: Any, num_train: int, times: int = 5) -> int:
     return max(1, int(steps) // times)
 
 
-def run_demo(
-    method: str = "mae",
-    out: Path = Path("runs/demo"),
+def describe(recipe: Any) -> str:
+    """The settings a method's own recipe chooses (the student, steps and batch are shared)."""
+    m, o = recipe.mask, recipe.optim
+    mask = f"{m.kind} " + (f"{m.num_masked} of 64" if m.num_masked else f"{m.ratio:.0%}")
+    lr = f"lr {o.lr:g}" if o.lr is not None else f"blr {o.blr:g} ({o.lr_scaling})"
+    views = "+".join(
+        f"{v.crop}" + (f"/jitter {v.color_jitter:g}" if v.color_jitter else "") for v in recipe.data.views
+    )
+    parts = [f"mask {mask}", lr, f"views {views}", f"arch {recipe.model.arch}"]
+    if recipe.mto.enabled:
+        parts.append("MTO losses on")
+    if METHODS[recipe.method].needs_teacher:
+        t = recipe.teacher
+        src = "RANDOM (control)" if t.allow_random else Path(t.pretrained).name
+        parts.append(f"teacher {t.kind}:{t.model} {src}")
+    return "; ".join(parts)
+
+
+def prepare(
+    method: str,
+    out: Path,
     overrides: list[str] | None = None,
-    teacher: str = "online",
-) -> int:
-    """Run the demo (``teacher="precomputed"``: from a bank written first); returns an exit code."""
+    teacher: Teacher = "trained",
+    log: Any = print,
+    targets: str = "online",
+) -> tuple[Any, dict[str, Any]]:
+    """The demo recipe of ``method`` (data written, teacher trained or reused when it needs one).
+
+    Args:
+        method: a :func:`demo_recipes` name.
+        out: the demo directory (``data/``, ``teacher/``, one run directory per method).
+        overrides: ``key=value`` applied last (to every method alike in a comparison).
+        teacher: ``trained`` (the supervised digits teacher) or ``random`` (the control).
+        log: a ``print``-like function.
+        targets: ``online`` (the teacher runs every step) or ``precomputed`` (a bank of its
+            targets is written first, ``mimscale.targets.demo.demo_bank``, and read instead).
+
+    Returns:
+        ``(recipe, {"teacher": label or None, "num_train": n})``.
+    """
     from mimscale.demo.data import write_digits_shards
 
+    rel = demo_recipes()[method]
+    paths = write_digits_shards(out / "data")
+    base = [f"data.train={paths['train']}", f"data.val={paths['val']}", f"run.out_dir={out}", *DEMO_EVAL]
+    base += DEMO_STEPS
+    needs = METHODS[load_recipe(_resolve(rel), base).method].needs_teacher
+    label = None
+    if needs and teacher == "trained":
+        from mimscale.demo.teacher import teacher_overrides, train_digits_teacher
+
+        info = train_digits_teacher(out / "teacher", log=lambda s: log(f"[mimscale demo] {s}"))
+        base += teacher_overrides(info)
+        label = f"supervised digits ViT ({info['val_top1']:.1f}% held-out)"
+    elif needs:
+        label = "RANDOM (control: a random teacher's targets carry no knowledge)"
+    name = method if not needs or teacher == "trained" else f"{method}_random_teacher"
+    if needs and targets == "precomputed":  # write a small bank of the digits first, train from it
+        from mimscale.targets.demo import demo_bank
+
+        base += demo_bank(
+            _resolve(rel), [*base, f"run.name={name}", *(overrides or [])], out / f"{name}_bank"
+        )
+        name += "_precomputed"
+    recipe = load_recipe(_resolve(rel), [*base, f"run.name={name}", *(overrides or [])])
+    if recipe.eval.every == 0:
+        recipe.eval.every = eval_every(recipe, paths["num_train"])
+    return recipe, {"teacher": label, "num_train": paths["num_train"]}
+
+
+def run_demo(
+    method: str = "mae", out: Path = Path("runs/demo"), overrides: list[str] | None = None,
+    teacher: Teacher = "trained", targets: str = "online",
+) -> int:  # fmt: skip
+    """Run one method's demo; returns a process exit code."""
     recipes = demo_recipes()
     if method not in recipes:
         print(f"demo: no CPU demo for method {method!r} (have: {', '.join(recipes)})")
         return 2
     t0 = time.perf_counter()
-    paths = write_digits_shards(out / "data")
-    base = [
-        f"data.train={paths['train']}",
-        f"data.val={paths['val']}",
-        f"run.out_dir={out}",
-        f"run.name={method}",
-    ]
-    base += DEMO_EVAL  # kNN + linear probe on the held-out digits during and after pre-training
-    base += DEMO_OVERRIDES.get(method, [])
-    if teacher == "precomputed":  # write a small bank of the digits first, then train from it
-        from mimscale.targets.demo import demo_bank
-
-        base += demo_bank(_resolve(recipes[method]), [*base, *(overrides or [])], out)
-    recipe = load_recipe(_resolve(recipes[method]), [*base, *(overrides or [])])
-    if recipe.eval.every == 0:
-        recipe.eval.every = eval_every(recipe, paths["num_train"])
+    recipe, info = prepare(method, out, overrides, teacher, targets=targets)
+    print(f"[mimscale demo] {method}: {describe(recipe)}")
     from mimscale.engine.loop import train
 
     run_dir = train(recipe)
@@ -124,5 +179,5 @@ def run_demo(
     print(f"[mimscale demo] run directory: {run_dir}  (recipe.yaml, metrics.jsonl, checkpoints/)")
     from mimscale.demo.report import report
 
-    report(recipe, run_dir, seconds)  # the same encoder at random init vs pre-trained; table + PNG
+    report(recipe, run_dir, seconds, teacher=info["teacher"])  # vs the same encoder at random init
     return 0

@@ -35,5 +35,25 @@ def load_method(
     if hasattr(recipe.method_cfg, "pretrained"):
         recipe.method_cfg.pretrained = ""  # the checkpoint already holds the fine-tuned weights
     method = build_method(recipe)
-    method.load_state_dict(method_state_dict(path), strict=True)
+    state = method_state_dict(path)
+    state.update(_extra_states(path, set(method.state_dict()) - set(state)))
+    method.load_state_dict(state, strict=True)
     return method.to(device).eval(), recipe
+
+
+def _extra_states(path: str | Path, missing: set[str]) -> dict[str, object]:
+    """Modules' extra state (``*._extra_state``, e.g. LC-MAE's momentum copy) from the checkpoint.
+
+    DeepSpeed's ZeRO consolidation (``zero_to_fp32``) rebuilds parameters and buffers only; the
+    extra state is in rank 0's model-states file, which every ZeRO stage writes. Keys that are
+    missing for another reason are left missing, so the strict load still names them.
+    """
+    wanted = {k for k in missing if k.endswith("._extra_state") or k == "_extra_state"}
+    if not wanted:
+        return {}
+    ckpt_dir, tag = resolve_checkpoint(path)
+    files = sorted((ckpt_dir / tag).glob("mp_rank_*_model_states.pt"))
+    if not files:
+        return {}
+    module = torch.load(files[0], map_location="cpu", weights_only=True).get("module") or {}
+    return {k: module[k] for k in wanted if k in module}

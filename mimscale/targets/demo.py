@@ -1,6 +1,6 @@
 """The digits demo with a precomputed teacher: write a small bank, then train from it.
 
-``demo_bank`` is what ``mimscale demo --method cae_v2 --teacher precomputed`` runs before training:
+``demo_bank`` is what ``mimscale demo --method cae_v2 --targets precomputed`` runs before training:
 it precomputes K views per digit with the recipe's (tiny, random) teacher, prints the bank's size
 and the step-time ratio of the precomputed teacher against the online one, and returns the
 overrides that make the run read the bank.

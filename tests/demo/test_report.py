@@ -25,3 +25,29 @@ def test_demo_smoke(tmp_path, capsys) -> None:
     evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval/knn_top1" in x]
     assert [e["step"] for e in evals] == [2]
     assert "random init (same weights, step 0)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_compare_smoke(tmp_path, capsys, monkeypatch) -> None:
+    """Two methods, one with the (1-epoch) digits teacher: one table, one JSON, one PNG."""
+    from dataclasses import replace
+
+    import mimscale.demo.teacher as teacher
+    from mimscale.demo.compare import run_compare
+
+    real = teacher.train_digits_teacher
+    one_epoch = replace(teacher.TeacherRecipe(), epochs=1)
+    monkeypatch.setattr(
+        teacher, "train_digits_teacher", lambda out, cfg=None, log=print: real(out, one_epoch, log)
+    )
+    over = ["train.max_steps=2", "eval.every=2", "eval.linear_iters=5", "data.num_workers=1"]
+    assert run_compare("mae,cae_v2", tmp_path, over) == 0
+    rows = json.loads((tmp_path / "compare_results.json").read_text())
+    assert [r["method"] for r in rows] == ["mae", "cae_v2"] and all(r["steps"] == 2 for r in rows)
+    for r in rows:
+        for part in ("trained", "random_init"):
+            assert set(r[part]) == {"mean", "cls"}
+    assert rows[0]["teacher"] is None and "supervised digits ViT" in rows[1]["teacher"]
+    assert (tmp_path / "compare_curves.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "takes about" in out and "cls linear" in out and "teacher timm:vit_tiny_patch16_224" in out

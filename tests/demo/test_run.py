@@ -38,3 +38,27 @@ def test_unknown_demo_lists_the_available_ones(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "no CPU demo for method 'nope'" in out and "mae_mto" in out
     assert not (tmp_path / "data").exists()  # nothing written for a typo
+
+
+def test_every_demo_trains_the_same_student_for_the_same_steps(tmp_path: Path) -> None:
+    """Like for like: no method silently gets another patch size, epochs, batch or readout."""
+    from dataclasses import asdict
+
+    from mimscale.demo.run import describe, prepare
+
+    shared = None
+    for name in demo_recipes():
+        recipe, info = prepare(name, tmp_path, teacher="random")
+        now = (asdict(recipe.model)["img_size"], recipe.model.patch_size, recipe.model.embed_dim,
+               recipe.model.depth, recipe.train.epochs, recipe.train.global_batch, recipe.eval.pool,
+               recipe.eval.every)  # fmt: skip
+        assert shared is None or now == shared, (name, now, shared)
+        shared = now
+        line = describe(recipe)
+        assert line.startswith("mask ")
+        if name in ("cae_v2", "mr_mae"):  # the control is labelled as one, in the run name too
+            assert "RANDOM (control)" in line and "RANDOM" in info["teacher"]
+            assert recipe.run.name == f"{name}_random_teacher"
+        else:
+            assert info["teacher"] is None and "teacher" not in line
+    assert shared[1] == 4 and shared[4] == 10 and shared[6] == "mean"

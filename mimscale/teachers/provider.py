@@ -1,4 +1,4 @@
-"""Frozen teachers (open_clip CLIP towers, timm ViTs) as target providers (METHODS.md §1.8, §6.1).
+"""The frozen teacher as a target provider (METHODS.md §1.8, §6.1).
 
 The engine calls :func:`build_provider` once, outside ``deepspeed.initialize`` (DeepSpeed issue
 #3175: a teacher inside a ZeRO-3 student engine breaks), and then ``targets = provider(batch)``
@@ -7,33 +7,25 @@ no optimizer group and in no training checkpoint. It sees the student's exact vi
 colour jitter: ``batch["views"][0]``, uint8), renormalised with its own mean/std on the device and
 resized so that its token grid equals the student's (METHODS.md §1.8 option a: a ViT-H/14 student
 at 224 px has 16x16 tokens, so a patch-16 teacher gets 256 px with interpolated position
-embeddings, which open_clip / timm resample when they load the weights).
-
-Import-light: open_clip, timm and deepspeed are imported when a teacher is built.
+embeddings).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import asdict
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from mimscale.config import RecipeError, TeacherConfig
+from mimscale.teachers.towers import build_tower, patch_of
+from mimscale.teachers.weights import as_file, file_arch, missing_weights, resolve_weights
 
 if TYPE_CHECKING:
     from mimscale.config import Recipe
     from mimscale.models.teacher_vit import TeacherViT
-
-# open_clip files that hold full CLIP weights in a Hugging Face repo (safetensors preferred).
-_HF_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-_HF_TIMM_FILES = ("model.safetensors", "pytorch_model.bin")
-# The (unused) text tower of a tiny open_clip teacher built from architecture overrides.
-TINY_TEXT_CFG = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}
 
 
 def check_recipe(recipe: Recipe, method_cls: type) -> None:
@@ -45,7 +37,7 @@ def check_recipe(recipe: Recipe, method_cls: type) -> None:
         raise RecipeError(f".teacher.layer: expected -1 (last) or a block number >= 1, got {cfg.layer}")
     if (cfg.mean is None) != (cfg.std is None) or (cfg.mean is not None and len(cfg.mean) != 3):
         raise RecipeError(".teacher.mean: give both teacher.mean and teacher.std, three values each")
-    if cfg.arch_overrides() and not cfg.allow_random and _as_file(cfg.pretrained) is None:
+    if cfg.arch_overrides() and not cfg.allow_random and as_file(cfg.pretrained) is None:
         raise RecipeError(
             ".teacher.width: architecture overrides do not fit a pretrained tag's weights; give "
             "teacher.pretrained a matching weights file or set teacher.allow_random: true"
@@ -112,157 +104,6 @@ class TeacherProvider:
         return TeacherTargets(out.tokens, out.cls_attn)
 
 
-# --------------------------------------------------------------------------- weights
-
-
-def _missing(cfg: TeacherConfig, looked: list[str]) -> RecipeError:
-    where = "\n  ".join(looked)
-    return RecipeError(
-        f".teacher.pretrained: no weights for teacher {cfg.kind}:{cfg.model} ({cfg.pretrained!r}); looked in:"
-        f"\n  {where}\nPut the file there, set teacher.pretrained to a weights file, or (tests / CPU demo "
-        f"only) set teacher.allow_random: true."
-    )
-
-
-def _as_file(pretrained: str) -> Path | None:
-    """A file path (anything with a separator or a weights suffix), else None (a tag)."""
-    if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
-        return Path(pretrained).expanduser()
-    return None
-
-
-def _hf_cached(repo: str, files: tuple[str, ...], cache_dir: str | None, looked: list[str]) -> str | None:
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    for name in files:
-        hit = try_to_load_from_cache(repo, name, cache_dir=cache_dir)
-        if isinstance(hit, str):
-            return hit
-        looked.append(f"Hugging Face cache {cache_dir or constants.HF_HUB_CACHE}: {repo}/{name}")
-    return None
-
-
-def resolve_weights(cfg: TeacherConfig) -> tuple[str | None, list[str]]:
-    """Find the teacher's weights on local disk only (never downloads during training).
-
-    Returns:
-        ``(path or None, the places looked at)``.
-
-    Raises:
-        RecipeError: for an unknown open_clip tag.
-    """
-    looked: list[str] = []
-    file = _as_file(cfg.pretrained)
-    if file is not None:
-        looked.append(str(file))
-        return (str(file) if file.is_file() else None), looked
-    if cfg.arch_overrides():
-        looked.append(f"nowhere: architecture overrides do not fit the {cfg.pretrained!r} weights")
-        return None, looked
-    if cfg.kind == "open_clip":
-        import open_clip
-
-        pcfg = open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained)
-        if not pcfg:
-            tags = ", ".join(open_clip.list_pretrained_tags_by_model(cfg.model)) or "none"
-            raise RecipeError(
-                f".teacher.pretrained: unknown tag {cfg.pretrained!r} for {cfg.model} (known: {tags})"
-            )
-        if pcfg.get("hf_hub"):  # "org/repo/file" or "org/repo/" (open_clip's default file names)
-            repo, name = os.path.split(pcfg["hf_hub"])
-            hit = _hf_cached(repo, (name,) if name else _HF_CLIP_FILES, cfg.cache_dir, looked)
-            if hit:
-                return hit, looked
-        if pcfg.get("url"):
-            target = Path(cfg.cache_dir or "~/.cache/clip").expanduser() / os.path.basename(pcfg["url"])
-            looked.append(str(target))
-            if target.is_file():
-                return str(target), looked
-        return None, looked
-    import timm
-
-    pcfg = timm.models.get_pretrained_cfg(cfg.model)
-    hub = getattr(pcfg, "hf_hub_id", None) if pcfg is not None else None
-    if hub:
-        return _hf_cached(hub, _HF_TIMM_FILES, cfg.cache_dir, looked), looked
-    looked.append(f"timm pretrained config of {cfg.model} (no Hugging Face id)")
-    return None, looked
-
-
-# --------------------------------------------------------------------------- building
-
-
-def _open_clip_tower(
-    cfg: TeacherConfig, weights: str | None, img_size: int | None
-) -> tuple[Any, list[float], list[float]]:
-    """``(visual, mean, std)``; ``img_size`` None keeps the model's native resolution."""
-    import open_clip
-
-    kw: dict[str, Any] = {}
-    arch = cfg.arch_overrides()
-    if arch:  # a tiny random tower: the named model's config with the given dims
-        vision = dict(open_clip.get_model_config(cfg.model)["vision_cfg"])
-        width = arch.get("width", vision["width"])
-        vision.update(
-            width=width,
-            layers=arch.get("depth", vision["layers"]),
-            patch_size=arch.get("patch_size", vision["patch_size"]),
-            image_size=img_size or vision["image_size"],
-        )
-        vision["head_width"] = width // arch.get("heads", max(1, width // vision.get("head_width", 64)))
-        kw = dict(
-            embed_dim=arch.get("out_dim", 512),
-            vision_cfg=vision,
-            text_cfg=dict(TINY_TEXT_CFG),
-        )
-    quick = bool(open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained).get("quick_gelu", False))
-    model = open_clip.create_model(
-        cfg.model, pretrained=weights, force_quick_gelu=quick, force_image_size=img_size,
-        cache_dir=cfg.cache_dir, **kw,
-    )  # fmt: skip
-    pre = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
-    mean = list(pre.get("mean", open_clip.OPENAI_DATASET_MEAN))
-    std = list(pre.get("std", open_clip.OPENAI_DATASET_STD))
-    return model.visual, mean, std
-
-
-def _timm_tower(
-    cfg: TeacherConfig, weights: str | None, img_size: int | None
-) -> tuple[Any, list[float], list[float]]:
-    import timm
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-    arch = cfg.arch_overrides()
-    names = {"width": "embed_dim", "depth": "depth", "heads": "num_heads", "patch_size": "patch_size"}
-    kw: dict[str, Any] = {names[k]: v for k, v in arch.items() if k in names}
-    if img_size is not None:
-        kw["img_size"] = img_size  # timm resamples the loaded pos-embed to the new grid
-    if weights is not None:
-        kw.update(pretrained=True, pretrained_cfg_overlay={"file": weights})
-    vit = timm.create_model(cfg.model, num_classes=0, **kw)
-    dc = vit.pretrained_cfg or {}
-    return vit, list(dc.get("mean", IMAGENET_DEFAULT_MEAN)), list(dc.get("std", IMAGENET_DEFAULT_STD))
-
-
-def _tower(cfg: TeacherConfig, weights: str | None, img_size: int | None) -> tuple[TeacherViT, list, list]:
-    from mimscale.models.teacher_vit import TeacherViT
-
-    if cfg.kind == "open_clip":
-        visual, mean, std = _open_clip_tower(cfg, weights, img_size)
-        depth = len(visual.transformer.resblocks)
-    else:
-        visual, mean, std = _timm_tower(cfg, weights, img_size)
-        depth = len(visual.blocks)
-    layer = depth if cfg.layer == -1 else cfg.layer
-    if layer > depth:
-        raise RecipeError(f".teacher.layer: {cfg.layer} exceeds the teacher's {depth} blocks")
-    if cfg.kind == "open_clip":
-        model = TeacherViT.from_open_clip(visual, layer, cfg.norm, cfg.proj)
-    else:
-        model = TeacherViT.from_timm(visual, layer, cfg.norm)
-    return model, mean, std
-
-
 def teacher_image_size(
     cfg: TeacherConfig, teacher_patch: int, student_grid: tuple[int, int], where: str
 ) -> int:
@@ -321,18 +162,20 @@ def build_provider(recipe: Recipe, device: torch.device) -> TeacherProvider:
     grid = (recipe.model.img_size // recipe.model.patch_size,) * 2
     weights, looked = resolve_weights(cfg)
     if weights is None and not cfg.allow_random:
-        raise _missing(cfg, looked)
-    patch = _patch_of(cfg)
+        raise missing_weights(cfg, looked)
+    arch = file_arch(cfg)  # a user's file fixes the architecture (checked against the keys)
+    patch = patch_of(cfg, arch)
     size = teacher_image_size(cfg, patch, grid, f"{cfg.kind}:{cfg.model}")
-    model, mean, std = _tower(cfg, weights, size)
+    model, mean, std = build_tower(cfg, weights, size, arch)
     if weights is None:
         _warn_random(cfg, looked)
     dtype = _dtype(cfg, device)
     meta = {
         **asdict(cfg), "weights": weights or "RANDOM", "random_weights": weights is None,
         "img_size": size, "grid": list(model.grid), "out_dim": model.out_dim, "torch_dtype": str(dtype),
+        "mean": mean, "std": std,  # what the teacher is fed with, whoever chose it
+        "arch_from_file": asdict(arch) if arch is not None else None,
     }  # fmt: skip
-    mean, std = cfg.mean or mean, cfg.std or std
     if cfg.offload:
         runner = _zero_inference(model, device, dtype)
         return TeacherProvider(model, cfg, mean, std, device, dtype, meta, runner)
@@ -340,26 +183,16 @@ def build_provider(recipe: Recipe, device: torch.device) -> TeacherProvider:
     return TeacherProvider(model, cfg, mean, std, device, dtype, meta)
 
 
-def _patch_of(cfg: TeacherConfig) -> int:
-    """The teacher's patch size from its config, without building it or loading weights."""
-    if cfg.patch_size is not None:
-        return cfg.patch_size
-    if cfg.kind == "open_clip":
-        import open_clip
-
-        return int(open_clip.get_model_config(cfg.model)["vision_cfg"]["patch_size"])
-    import timm
-
-    with torch.device("meta"):
-        return int(timm.create_model(cfg.model, pretrained=False).patch_embed.patch_size[0])
-
-
 def teacher_out_dim(cfg: TeacherConfig) -> int:
     """Channels of the teacher's tokens, from its config alone (sizes a student's head).
 
     open_clip: ``embed_dim`` with ``proj`` (512 for CLIP-B/16), else the tower width (768);
-    timm: ``embed_dim``. Architecture overrides (``out_dim``, ``width``) win.
+    timm: ``embed_dim``. A weights file's shapes decide (read without building the model);
+    without one, the architecture keys (``out_dim``, ``width``) win.
     """
+    arch = file_arch(cfg)
+    if arch is not None:
+        return int(arch.out_dim if cfg.kind == "open_clip" and cfg.proj and arch.out_dim else arch.width)
     if cfg.kind == "open_clip":
         import open_clip
 
