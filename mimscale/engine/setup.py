@@ -66,6 +66,11 @@ def prepare_batch(batch: dict[str, Any], device: torch.device, dtype: torch.dtyp
     out["images"] = [normalize_uint8(v, dtype) for v in views]
     if "mask" in batch:
         out["mask"] = batch["mask"].to(device, non_blocking=True)
+        if batch["mask"].device.type == "cpu" and batch["mask"].dim() == 2:
+            # Counted here on the host copy, so the encoder needs no device sync for |V|.
+            from mimscale.models.vit import _equal_visible_count
+
+            out["mask"].visible_count = _equal_visible_count(batch["mask"])
     if "labels" in batch:
         out["labels"] = batch["labels"].to(device, non_blocking=True)
     return out

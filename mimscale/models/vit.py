@@ -86,6 +86,9 @@ def visible_ids(mask: torch.Tensor, num_visible: int | None = None) -> torch.Ten
 def _equal_visible_count(mask: torch.Tensor) -> int:
     if mask.shape[0] == 0:
         return 0
+    known = getattr(mask, "visible_count", None)  # counted on the host copy (engine.setup.prepare_batch)
+    if known is not None:
+        return known
     counts = mask.sum(dim=1)
     lo, hi = torch.stack([counts.min(), counts.max()]).tolist()  # one host sync: shapes depend on it
     if lo != hi:
