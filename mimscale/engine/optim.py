@@ -144,6 +144,14 @@ def use_bf16(r: Recipe, device: torch.device) -> bool:
     return r.train.precision == "bf16"
 
 
+def use_compile(r: Recipe, device: torch.device) -> bool:
+    """``train.compile``: auto compiles the blocks on CUDA only (on a CPU the compile time of a
+    short run is not paid back, and inductor needs a C++ toolchain)."""
+    if r.train.compile == "auto":
+        return device.type == "cuda"
+    return r.train.compile == "on"
+
+
 def deepspeed_config(r: Recipe, d: Derived, device: torch.device) -> dict[str, Any]:
     """The DeepSpeed JSON, from a few named recipe settings (EVA-02 style).
 

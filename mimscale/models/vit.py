@@ -100,6 +100,21 @@ def _equal_visible_count(mask: torch.Tensor) -> int:
     return mask.shape[1] - lo
 
 
+def compile_blocks(module: nn.Module) -> int:
+    """Compile every transformer block of ``module`` in place (regional ``torch.compile``).
+
+    ``nn.Module.compile`` keeps parameter names and state-dict keys, so checkpoints, DeepSpeed
+    and activation checkpointing (which wraps the compiled block's call) see the same module.
+    One compiled graph serves every block of the same shape. Returns the number of blocks.
+    """
+    from timm.models.vision_transformer import Block
+
+    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    for blk in blocks:
+        blk.compile(dynamic=False)
+    return len(blocks)
+
+
 def run_blocks(
     blocks: Iterable[nn.Module],
     x: torch.Tensor,
