@@ -84,6 +84,8 @@ def cases(a: argparse.Namespace) -> list[tuple[str, list[str]]]:
         data = ["--images", "32", "--epochs", "2"]
         peer = ["--size", "large", "--batch", "256", "--steps", str(a.steps)]
     out.append(("data_cpu_decode", [sys.executable, "-m", "mimscale.cli", "bench", "data", *data]))
+    dec = ["--images", "2", "--batch", "4", "--repeats", "1"] if a.smoke else []
+    out.append(("data_device_decode", [sys.executable, "-m", "mimscale.bench.decode", *dec]))
     peers = [sys.executable, "-m", "mimscale.bench.peers"]
     src = ["--mae-src", a.mae_src] if a.mae_src else []
     out += [("peer_official_eager", [*peers, "official", *src, *peer]),
