@@ -118,3 +118,56 @@ def test_no_host_sync_outside_log_steps(digits, tmp_path, zero: int) -> None:
     assert any(s["syncs"] for s in steps)  # the counter does see the log steps' reads
     assert [r["step"] for r in recs] == [4, 8, 9]
     assert recs[0]["bad_steps"] == 1 and all(r["loss"] == r["loss"] for r in recs)  # no NaN mean
+
+
+RANK_NAN = r"""
+import os, sys
+from mimscale.methods import METHODS
+cls = METHODS["mae"]
+orig = cls.forward
+calls = [0]
+def forward(self, batch, mask, targets=None):
+    out = orig(self, batch, mask, targets)
+    calls[0] += 1
+    bad = os.environ.get("RANK") == "1" and calls[0] in (3, 8)  # rank 1 only; step 3 and step 7
+    return out._replace(loss=out.loss * float("nan")) if bad else out
+cls.forward = forward
+from mimscale.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_non_finite_skip_agrees_across_two_ranks(digits, tmp_path) -> None:
+    """A NaN on rank 1 alone skips the step on both ranks (no hang at ZeRO-2's reduction): one
+    bad step read at a log step (3), one between log steps (7, counted at step 8)."""
+    import shutil
+
+    from launch import free_port
+
+    script = tmp_path / "rank_nan.py"
+    script.write_text(RANK_NAN)
+    kw = {
+        "data.train": digits["train"],
+        "data.val": digits["val"],
+        "run.out_dir": str(tmp_path),
+        "run.name": "r",
+        "train.global_batch": 32,
+        "train.micro_batch": 16,
+        "train.max_steps": 8,
+        "train.log_every": 4,
+        "train.ckpt_every": 3,
+        "train.zero_stage": 2,
+        "data.num_workers": 1,
+    }
+    ds = shutil.which("deepspeed") or "deepspeed"
+    cmd = [ds, "--num_gpus=2", f"--master_port={free_port()}", str(script), RECIPE]
+    res = subprocess.run(
+        [*cmd, *(f"{k}={v}" for k, v in kw.items())], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "step 2: non-finite loss, step skipped" in res.stdout  # read at the step-3 checkpoint step
+    assert "earlier step(s) with a non-finite loss were skipped on the device" in res.stdout
+    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["step"] == 8 and recs[-1]["bad_steps"] == 2
+    assert all(r["loss"] == r["loss"] for r in recs)
