@@ -72,7 +72,7 @@ def train_step(
     therefore runs the same backward passes and collectives (ZeRO's gradient reduction never
     hangs); the NaN gradients of a bad step are discarded with it. With accumulation one bad
     micro-batch skips the whole step. The caller reads the flag only when it syncs anyway
-    (:meth:`Trainer._sync_point`). An optimizer without ``found_inf`` support (LARS) falls
+    (:meth:`Trainer._read_bad`). An optimizer without ``found_inf`` support (LARS) falls
     back to one host read per step. ``targets_fn(batch)`` is the frozen target provider.
     """
     opt = base_optimizer(engine)
