@@ -149,7 +149,7 @@ def use_compile(r: Recipe, device: torch.device) -> bool:
     short run is not paid back, and inductor needs a C++ toolchain)."""
     if r.train.compile == "auto":
         return device.type == "cuda"
-    return r.train.compile == "on"
+    return bool(r.train.compile)
 
 
 def deepspeed_config(r: Recipe, d: Derived, device: torch.device) -> dict[str, Any]:
