@@ -138,6 +138,7 @@ BENCHES = {
     "data": "mimscale.bench.data",  # decode + augment images/s per worker
     "teacher": "mimscale.bench.teacher",  # teacher share, amortised M = 1, 2, 4, offloaded teacher
     "methods": "mimscale.bench.methods",  # LC-MAE vs MAE step, MTO overhead vs its host
+    "suite": "mimscale.bench.suite",  # every speed measurement (GPU) in one JSON
 }
 
 

@@ -33,17 +33,23 @@ def run_bench(recipe, steps: int, warmup: int = 3) -> dict[str, Any]:
     from mimscale.data.synthetic import synthetic_batch
     from mimscale.engine.distributed import init_distributed
     from mimscale.engine.loop import build_engine, prepare_batch, seed_everything, train_step
-    from mimscale.engine.optim import build_optimizer, use_bf16
+    from mimscale.engine.optim import build_optimizer, use_bf16, use_compile
     from mimscale.methods import build_method
 
     dist = init_distributed()
     seed_everything(0)
     method = build_method(recipe).to(dist.device)
+    if recipe.train.activation_checkpointing:  # as the trainer does, for both copies
+        method.set_grad_checkpointing(True)
     bare = copy.deepcopy(method)
     d = derive(recipe, dist.world_size, recipe.train.global_batch * 1000)
     engine = build_engine(method, recipe, d, dist.device)
     dtype = torch.bfloat16 if use_bf16(recipe, dist.device) else torch.float32
     bare = bare.to(dtype)
+    if use_compile(recipe, dist.device):  # bare = the same model, compiled the same way
+        from mimscale.models.vit import compile_blocks
+
+        compile_blocks(bare)
     bare_opt, _ = build_optimizer(bare, recipe, d, dist.device)
     batch = synthetic_batch(recipe)
     micro = [batch] * d.grad_accum
@@ -73,6 +79,8 @@ def run_bench(recipe, steps: int, warmup: int = 3) -> dict[str, Any]:
 
 
 def _report(recipe, dist, method, times: dict[str, list[float]]) -> dict[str, Any]:
+    from mimscale.engine.optim import use_compile
+
     eng, bare = statistics.median(times["engine"]), statistics.median(times["bare"])
     gb = recipe.train.global_batch
     out: dict[str, Any] = {
@@ -83,6 +91,8 @@ def _report(recipe, dist, method, times: dict[str, list[float]]) -> dict[str, An
         "device": str(dist.device),
         "world_size": dist.world_size,
         "zero_stage": recipe.train.zero_stage,
+        "compiled": use_compile(recipe, dist.device),
+        "activation_checkpointing": recipe.train.activation_checkpointing,
         "global_batch": gb,
         "engine_step_s": eng,
         "bare_step_s": bare,

@@ -117,6 +117,9 @@ class TrainConfig:
     zero_stage: int = 1
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False
+    # Regional torch.compile of every transformer block: auto (on for CUDA, off on CPU where the
+    # compile time is not paid back), true or false (YAML reads on/off as booleans too).
+    compile: Literal["auto"] | bool = "auto"
     log_every: int = 20
     ckpt_every: int = 1000  # optimizer steps; a final checkpoint is always written
     keep_last: int = 3

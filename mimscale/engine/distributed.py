@@ -79,7 +79,7 @@ class StopRequest:
     Launchers forward the signal to some ranks, at slightly different times, or to none (Slurm
     signals only the batch script, which creates ``$MIMSCALE_STOP_FILE`` instead: a file
     reaches ranks on every node and never kills torchrun or the data workers). Ranks therefore
-    never act on their own flag: :meth:`agreed` all-reduces it once per step, so all ranks stop
+    never act on their own flag: :meth:`poll` all-reduces it once per step, so all ranks stop
     after the same step and the checkpoint they write together is complete.
     """
 
@@ -89,6 +89,8 @@ class StopRequest:
         self.signal: str | None = None
         # One rank watching the file is enough (the flag is all-reduced); spares a shared file system.
         self.stop_file = (os.environ.get("MIMSCALE_STOP_FILE") or None) if watch_file else None
+        self._group = None  # the gloo group of the lagged stop reduce (made at the first poll)
+        self._pending: tuple | None = None
 
     def install(self) -> None:
         """Install the handlers (main thread only). Data workers forked later inherit them, so a
@@ -115,9 +117,33 @@ class StopRequest:
             self.signal = f"stop file {self.stop_file}"
         return self.signal is not None
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank when any rank was asked to stop (one scalar all-reduce)."""
-        t = torch.tensor([1.0 if self.local() else 0.0], device=device)
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item() > 0.5)
+    def poll(self) -> bool:
+        """True on every rank once any rank was asked to stop, one step late, without a sync.
+
+        Each call starts an asynchronous max-reduce of this rank's flag over a CPU (gloo) group
+        and returns the result of the previous call's reduce, which has long finished: the
+        training device never waits for it. Every rank calls this once per step, so the answers
+        agree; a world of one reads its own flag at once.
+        """
+        if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+            return self.local()
+        if self._group is None:  # collective: every rank reaches its first poll at the same step
+            self._group = torch.distributed.new_group(backend="gloo")
+        agreed = self._pending is not None and self._wait() > 0.5
+        flag = torch.tensor([1.0 if self.local() else 0.0])
+        work = torch.distributed.all_reduce(
+            flag, op=torch.distributed.ReduceOp.MAX, group=self._group, async_op=True
+        )
+        self._pending = (work, flag)
+        return agreed
+
+    def _wait(self) -> float:
+        work, flag = self._pending
+        self._pending = None
+        work.wait()
+        return float(flag.numpy()[0])  # a CPU tensor: reading it waits for no device
+
+    def drain(self) -> None:
+        """Finish the outstanding reduce (every rank has one) before the run ends."""
+        if self._pending is not None:
+            self._wait()

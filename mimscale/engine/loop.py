@@ -15,7 +15,7 @@ import torch
 
 from mimscale.config import Derived, Recipe, derive, save_recipe
 from mimscale.engine import checkpoint
-from mimscale.engine.distributed import DistInfo, StopRequest, all_true, init_distributed
+from mimscale.engine.distributed import DistInfo, StopRequest, init_distributed
 from mimscale.engine.logger import MetricLogger, format_eta
 from mimscale.engine.optim import apply_recipe_lr, use_bf16
 from mimscale.engine.setup import (  # noqa: F401  (re-exported for tests and the bench)
@@ -38,7 +38,10 @@ class TrainState:
     bad_steps: int = 0  # steps skipped for a non-finite loss (total)
     consecutive_bad: int = 0
     reloaded: bool = False
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # summed over good steps (device)
+    good: torch.Tensor | None = None  # good steps since the last log line (device)
+    # [bad steps not yet read by the host, consecutive bad steps, this step bad] (device)
+    bad: torch.Tensor | None = None
 
 
 def _stream(loader) -> Iterator[dict[str, Any]]:
@@ -48,37 +51,84 @@ def _stream(loader) -> Iterator[dict[str, Any]]:
         loader.set_epoch(loader.state_dict()["epoch"] + 1)
 
 
+def base_optimizer(engine) -> torch.optim.Optimizer | None:
+    """The torch optimizer DeepSpeed wraps (None for a bare module, as in the bench)."""
+    return getattr(engine, "basic_optimizer", None) or getattr(engine, "client_optimizer", None)
+
+
 def train_step(
     engine,
     micro_batches: list[dict[str, Any]],
     device: torch.device,
     dtype: torch.dtype,
     targets_fn: Any = None,
-) -> list[Any]:
-    """Forward/backward every micro-batch, then one optimizer step; returns the good outputs.
+) -> tuple[list[Any], torch.Tensor]:
+    """Forward/backward every micro-batch, then one optimizer step; returns the outputs and
+    the step's non-finite flag (a 0-d float tensor on ``device``, 1.0 = the step was skipped).
 
-    A micro-batch whose loss is non-finite on any rank gets no backward on any rank (the
-    decision must agree, or ZeRO's gradient reduction would hang): this costs one scalar
-    all-reduce per micro-batch. With one micro-batch per step the whole step is skipped (an
-    empty list is returned); with accumulation the bad micro-batches drop out of the average.
-    ``targets_fn(batch)`` is the frozen target provider (teacher), run outside the engine.
+    No host sync: the flag (any micro-batch's loss non-finite, on any rank) is max-reduced
+    across ranks on the device and handed to the fused AdamW as ``found_inf``, which leaves
+    weights and moments untouched on a bad step (as ``torch.amp.GradScaler`` does). Every rank
+    therefore runs the same backward passes and collectives (ZeRO's gradient reduction never
+    hangs); the NaN gradients of a bad step are discarded with it. With accumulation one bad
+    micro-batch skips the whole step. The caller reads the flag only when it syncs anyway
+    (:meth:`Trainer._read_bad`). An optimizer without ``found_inf`` support (LARS) falls
+    back to one host read per step. ``targets_fn(batch)`` is the frozen target provider.
     """
+    opt = base_optimizer(engine)
+    bad = torch.zeros((), device=device)
     outs = []
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
         b = prepare_batch(batch, device, dtype)
         targets = targets_fn(b) if targets_fn is not None else None
         out = engine(b, b.get("mask"), targets)
-        if not all_true(bool(torch.isfinite(out.loss.detach()).item()), device):
-            if len(micro_batches) > 1:
-                engine.step()  # keep DeepSpeed's micro-step counter aligned
-            continue
         loss = out.loss
-        if "valid" in b and not bool(b["valid"].any()):  # only padding rows (keep_valid_rows kept them)
-            loss = loss * 0.0  # the step still runs on every rank (ZeRO), with no gradient from them
+        bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).to(bad.dtype))
+        if "valid" in b:  # only padding rows (keep_valid_rows kept them): no gradient from them
+            loss = loss * b["valid"].any().to(loss.dtype)
         engine.backward(loss)
+        if i == len(micro_batches) - 1:
+            bad = _agree(bad)
+            _skip_if(opt, bad)
         engine.step()
         outs.append(out)
-    return outs
+    return outs, bad
+
+
+def _agree(bad: torch.Tensor) -> torch.Tensor:
+    """Max over ranks, on the device (no host read): every rank skips the same steps."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return bad
+
+
+def _skip_if(opt: torch.optim.Optimizer | None, bad: torch.Tensor) -> None:
+    """Make the coming optimizer step a no-op when ``bad`` is set."""
+    if opt is None:
+        return
+    if opt.defaults.get("fused"):
+        opt.found_inf = bad  # read by the fused kernel on the device
+    elif bool(bad):  # host read, once per step (LARS has no found_inf): lr 0, no gradient
+        for g in opt.param_groups:  # the schedule sets every group's lr again after the step
+            g["lr"] = 0.0
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.grad.zero_()
+
+
+def unstep_schedule(engine) -> None:
+    """Undo the lr-schedule step DeepSpeed took for a step skipped on the device (the schedule
+    follows applied steps only, as before the device-side skip)."""
+    if not getattr(engine, "_step_applied", True):  # DeepSpeed skipped it itself (overflow)
+        return
+    sched = engine.lr_scheduler
+    sched.last_epoch -= 1
+    lrs = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, sched.lr_lambdas, strict=True)]
+    for g, lr in zip(sched.optimizer.param_groups, lrs, strict=True):
+        g["lr"] = lr
+    sched._last_lr = lrs
+    engine.global_steps -= 1
+    engine.global_samples -= engine.train_batch_size()
 
 
 class Trainer:
@@ -229,17 +279,46 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def train_step(self, micro_batches: list[dict[str, Any]]) -> bool:
-        outs = train_step(self.engine, micro_batches, self.dist.device, self.dtype, self.targets_fn)
+    def train_step(self, micro_batches: list[dict[str, Any]]) -> torch.Tensor:
+        """One optimizer step, no host sync; returns its non-finite flag (device, 0-d)."""
+        outs, bad = train_step(self.engine, micro_batches, self.dist.device, self.dtype, self.targets_fn)
+        s = self.state
+        good = 1.0 - bad
         for out in outs:
-            self._accumulate(out, len(micro_batches))
-        return bool(outs)
+            self._accumulate(out, len(micro_batches), good)
+        s.good = good if s.good is None else s.good + good
+        if s.bad is None:
+            s.bad = torch.zeros(3, device=self.dist.device)
+        s.bad = torch.stack([s.bad[0] + bad, (s.bad[1] + 1.0) * bad, bad])
+        return bad
 
-    def _accumulate(self, out, n: int) -> None:
+    def _accumulate(self, out, n: int, good: torch.Tensor) -> None:
         m = self.state.metrics
         for k, v in {"loss": out.loss, **out.metrics}.items():
-            v = v.detach().float() / n
+            v = torch.where(good > 0, v.detach().float() / n, 0.0)  # a skipped step's NaN stays out
             m[k] = m[k] + v if k in m else v
+
+    def _read_bad(self) -> bool:
+        """The one host read of the non-finite flags (log and checkpoint steps only): counts the
+        steps skipped on the device since the last read; True when this step was skipped, which
+        is then undone on the host too (not counted, the lr schedule not advanced)."""
+        s = self.state
+        if s.bad is None:
+            return False
+        unread, consecutive, now = s.bad.tolist()
+        s.bad = torch.stack([torch.zeros_like(s.bad[0]), s.bad[1], s.bad[2]])
+        s.bad_steps += int(unread)
+        s.consecutive_bad = int(consecutive)
+        earlier = int(unread) - int(now)
+        if earlier and self.dist.rank == 0:
+            print(
+                f"[mimscale] step {s.step}: {earlier} earlier step(s) with a non-finite loss were "
+                f"skipped on the device ({s.bad_steps} so far)",
+                flush=True,
+            )
+        if now:
+            unstep_schedule(self.engine)
+        return bool(now)
 
     # ------------------------------------------------------------------ the loop
 
@@ -271,10 +350,12 @@ class Trainer:
             self.state.samples += t.global_batch
             if self._keys is not None:
                 self._keys.write(" ".join(k for b in micro for k in b["keys"]) + "\n")
-            if not self.train_step(micro):
+            self.train_step(micro)
+            nxt = self.state.step + 1
+            sync = nxt % t.log_every == 0 or nxt % t.ckpt_every == 0 or nxt == stop
+            if sync and self._read_bad():  # host reads only where the step syncs anyway
                 self._on_bad_step()
                 continue
-            self.state.consecutive_bad = 0
             self.state.step += 1
             self.method.after_step(self.state.step)  # e.g. EMA updates
             e0 = time.perf_counter()
@@ -288,10 +369,12 @@ class Trainer:
             if self.state.step % t.ckpt_every == 0 and self.state.step != stop:
                 self.save()
                 saved = self.state.step
-            # Checked every step (lost work <= one step); the same answer on every rank.
-            if self.state.step < stop and self.stop.agreed(self.dist.device):
+            # Polled every step, read one step late (no sync; the step after the request ends the
+            # run and is saved, so no work is lost); the same answer on every rank.
+            if self.state.step < stop and self.stop.poll():
                 self.stopped_by = self.stop.signal or "another rank's stop request"
                 break
+        self.stop.drain()
         if saved != self.state.step:
             self.save()
         self.loader.close()  # stop the workers before the interpreter tears down
@@ -307,9 +390,7 @@ class Trainer:
         return open(self.run_dir / f"keys_rank{self.dist.rank}.txt", "a")
 
     def _on_bad_step(self) -> None:
-        s = self.state
-        s.bad_steps += 1
-        s.consecutive_bad += 1
+        s = self.state  # bad_steps / consecutive_bad were just read from the device
         if self.dist.rank == 0:
             print(
                 f"[mimscale] step {s.step}: non-finite loss, step skipped ({s.bad_steps} so far)", flush=True
@@ -326,10 +407,15 @@ class Trainer:
             print(f"[mimscale] reloading last good checkpoint {self.ckpt_dir / tag}", flush=True)
         self._load(tag, restore_data=False)  # new data from here on: the same batches would fail again
         s.reloaded, s.consecutive_bad = True, 0
+        s.bad = None
 
     def _log(self, elapsed: float, wait: float, steps: int, stop: int, micro: list[dict[str, Any]]) -> None:
-        m = {k: v.item() / steps for k, v in self.state.metrics.items()}  # the only host sync
-        self.state.metrics = {}
+        s = self.state
+        keys = list(s.metrics)
+        good = s.good if s.good is not None else torch.zeros((), device=self.dist.device)
+        vals = torch.stack([good.float(), *(s.metrics[k].float() for k in keys)]).tolist()  # one sync
+        m = {k: v / max(vals[0], 1.0) for k, v in zip(keys, vals[1:], strict=True)}  # mean of good steps
+        s.metrics, s.good = {}, None
         lr = self.engine.get_lr()[0]
         paused, self.paused = self.paused, {k: 0.0 for k in self.paused}
         elapsed = max(elapsed - sum(paused.values()), 1e-9)  # training time only

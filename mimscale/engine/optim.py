@@ -106,7 +106,9 @@ def build_optimizer(model: nn.Module, r: Recipe, d: Derived, device: torch.devic
         opt: torch.optim.Optimizer = Lars(split, lr=d.lr, momentum=0.9)
     else:
         b1, b2 = r.optim.betas
-        opt = torch.optim.AdamW(groups, lr=d.lr, betas=(b1, b2), eps=r.optim.eps, fused=device.type == "cuda")
+        # Fused on every device: it takes the loop's device-side non-finite flag (found_inf) and skips
+        # a bad step without a host sync (engine/loop.py::train_step).
+        opt = torch.optim.AdamW(groups, lr=d.lr, betas=(b1, b2), eps=r.optim.eps, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, r, d))
     return opt, sched
 
@@ -140,6 +142,14 @@ def use_bf16(r: Recipe, device: torch.device) -> bool:
     if r.train.precision == "auto":
         return device.type == "cuda"
     return r.train.precision == "bf16"
+
+
+def use_compile(r: Recipe, device: torch.device) -> bool:
+    """``train.compile``: auto compiles the blocks on CUDA only (on a CPU the compile time of a
+    short run is not paid back, and inductor needs a C++ toolchain)."""
+    if r.train.compile == "auto":
+        return device.type == "cuda"
+    return bool(r.train.compile)
 
 
 def deepspeed_config(r: Recipe, d: Derived, device: torch.device) -> dict[str, Any]:

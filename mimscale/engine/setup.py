@@ -13,7 +13,7 @@ import torch
 
 from mimscale.config import Derived, Recipe
 from mimscale.data.normalize import normalize_uint8
-from mimscale.engine.optim import build_optimizer, deepspeed_config, use_bf16
+from mimscale.engine.optim import build_optimizer, deepspeed_config, use_bf16, use_compile
 
 
 def seed_everything(seed: int) -> None:
@@ -68,6 +68,11 @@ def prepare_batch(batch: dict[str, Any], device: torch.device, dtype: torch.dtyp
     out["images"] = [normalize_uint8(v, dtype) for v in views]
     if "mask" in batch:
         out["mask"] = batch["mask"].to(device, non_blocking=True)
+        if batch["mask"].device.type == "cpu" and batch["mask"].dim() == 2:
+            # Counted here on the host copy, so the encoder needs no device sync for |V|.
+            from mimscale.models.vit import _equal_visible_count
+
+            out["mask"].visible_count = _equal_visible_count(batch["mask"])
     if "labels" in batch:
         out["labels"] = batch["labels"].to(device, non_blocking=True)
     return out
@@ -94,10 +99,18 @@ def build_engine(method: torch.nn.Module, r: Recipe, d: Derived, device: torch.d
     import deepspeed
 
     method.to(device)
+    if use_compile(r, device):
+        from mimscale.models.vit import compile_blocks
+
+        compile_blocks(method)
     opt, sched = build_optimizer(method, r, d, device)
     engine, _, _, _ = deepspeed.initialize(
         model=method, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(r, d, device)
     )
+    if engine.dp_world_size == 1 and r.train.zero_stage == 0:
+        # DeepSpeed's own switch (its pipeline engine turns it off too): a world of one has
+        # nothing to all-reduce, yet allreduce_no_retain would flatten and copy every gradient.
+        engine.enable_backward_allreduce = False
     if use_bf16(r, device):
         cast_buffers_bf16(engine.module)
     return engine

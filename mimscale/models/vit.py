@@ -86,6 +86,9 @@ def visible_ids(mask: torch.Tensor, num_visible: int | None = None) -> torch.Ten
 def _equal_visible_count(mask: torch.Tensor) -> int:
     if mask.shape[0] == 0:
         return 0
+    known = getattr(mask, "visible_count", None)  # counted on the host copy (engine.setup.prepare_batch)
+    if known is not None:
+        return known
     counts = mask.sum(dim=1)
     lo, hi = torch.stack([counts.min(), counts.max()]).tolist()  # one host sync: shapes depend on it
     if lo != hi:
@@ -95,6 +98,21 @@ def _equal_visible_count(mask: torch.Tensor) -> int:
             "count (METHODS.md §6.4)."
         )
     return mask.shape[1] - lo
+
+
+def compile_blocks(module: nn.Module) -> int:
+    """Compile every transformer block of ``module`` in place (regional ``torch.compile``).
+
+    ``nn.Module.compile`` keeps parameter names and state-dict keys, so checkpoints, DeepSpeed
+    and activation checkpointing (which wraps the compiled block's call) see the same module.
+    One compiled graph serves every block of the same shape. Returns the number of blocks.
+    """
+    from timm.models.vision_transformer import Block
+
+    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    for blk in blocks:
+        blk.compile(dynamic=False)
+    return len(blocks)
 
 
 def run_blocks(
