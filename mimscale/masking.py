@@ -41,7 +41,7 @@ class MaskGenerator(Protocol):
 class RandomMask:
     """MAE per-sample random masking with MAE's exact count rule.
 
-    MAE keeps ``len_keep = int(N * (1 - ratio))`` tokens (METHODS.md §1.3), so exactly
+    MAE keeps ``len_keep = int(N * (1 - ratio))`` tokens (docs/methods.md §1.3), so exactly
     ``N - len_keep`` are masked in every sample (147 of 196 at ratio 0.75).
 
     Args:
@@ -67,7 +67,7 @@ class RandomMask:
 
 
 class BlockMask:
-    """BEiT block-wise masking (METHODS.md §1.6), with the CAE exact-count variant.
+    """BEiT block-wise masking (docs/methods.md §1.6), with the CAE exact-count variant.
 
     Rectangular blocks of at least ``min_num_patches`` cells, aspect ratio log-uniform in
     ``[min_aspect, 1/min_aspect]``, are placed until the budget is met. Each block gets 10
@@ -155,7 +155,7 @@ class BlockMask:
 
 
 class CoarseRandomMask:
-    """SimMIM masking (METHODS.md §1.4): coarse mask patches upsampled to the token grid.
+    """SimMIM masking (docs/methods.md §1.4): coarse mask patches upsampled to the token grid.
 
     ``ceil(ratio * M)`` of the ``M = (img_size / mask_patch_size) ** 2`` mask patches are chosen
     uniformly; each covers ``(mask_patch_size / patch_size) ** 2`` tokens. ViT-B/16 at 224:

@@ -1,7 +1,7 @@
 """Every ``methods.md §x`` citation in the code, recipes and data-prep scripts resolves.
 
 Citations name a heading of ``docs/methods.md`` (``## §1 ...``, ``### §1.2 ...``,
-``#### §5.3a ...``). Both spellings, ``METHODS.md §x`` and ``docs/methods.md §x``, are checked;
+``#### §5.3a ...``). Both spellings, ``docs/methods.md §x`` and ``docs/methods.md §x``, are checked;
 a run such as ``methods.md §1.8, §6.1`` or ``§2.5-§2.7`` checks every section it lists.
 """
 
@@ -46,9 +46,9 @@ def cited_sections() -> list[tuple[str, int, str]]:
 
 
 def test_parsers_on_known_forms() -> None:
-    assert citations("see METHODS.md §1.8, §6.1 and docs/methods.md §5.3c.") == ["1.8", "6.1", "5.3c"]
-    assert citations("(METHODS.md §2.5-§2.7)") == ["2.5", "2.7"]
-    assert citations("METHODS.md §2.9 item 3; §4 elsewhere") == ["2.9"]
+    assert citations("see docs/methods.md §1.8, §6.1 and docs/methods.md §5.3c.") == ["1.8", "6.1", "5.3c"]
+    assert citations("(docs/methods.md §2.5-§2.7)") == ["2.5", "2.7"]
+    assert citations("docs/methods.md §2.9 item 3; §4 elsewhere") == ["2.9"]
     assert citations("methods.md §1.3. The encoder") == ["1.3"]
     assert headings("## §1 Shared\n### §1.2 Init\n#### §5.3a L_spa\n# §9 no\n") == {"1", "1.2", "5.3a"}
 

@@ -80,7 +80,7 @@ class ModelConfig:
     drop_path: float = 0.0
     layer_scale: float | None = None  # layer-scale init (None = off)
     abs_pos: Literal["sincos", "none"] = "sincos"
-    sincos_layout: Literal["mae", "cae"] = "mae"  # channel layout of the fixed table (METHODS.md §1.2)
+    sincos_layout: Literal["mae", "cae"] = "mae"  # channel layout of the fixed table (docs/methods.md §1.2)
     rel_pos_bias: Literal["none", "shared"] = "none"  # beit only (SimMIM uses shared)
     init_from: str = ""  # run dir whose weights start a fresh run (e.g. from `mimscale import-weights`)
 
@@ -94,7 +94,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.05
     wd_exclude: Literal["ndim1_bias", "ndim1_bias_tokens", "ndim1_bias_cls_pos"] = (
-        "ndim1_bias"  # METHODS.md §6.8
+        "ndim1_bias"  # docs/methods.md §6.8
     )
     layer_decay: float | None = None
     schedule: Literal["cosine", "multistep", "constant"] = "cosine"
@@ -104,7 +104,7 @@ class OptimConfig:
     milestones: list[float] = field(default_factory=list)  # multistep: epochs
     gamma: float = 0.1
     clip_grad: float | None = None
-    # lars: timm's LARS (MAE linear probe, METHODS.md §1.3), momentum 0.9, trust ratio on the
+    # lars: timm's LARS (MAE linear probe, docs/methods.md §1.3), momentum 0.9, trust ratio on the
     # ndim > 1 weights only (MAE util/lars.py); betas / eps are AdamW's.
     optimizer: Literal["adamw", "lars"] = "adamw"
 
@@ -144,7 +144,7 @@ class TeacherConfig:
     """The ``teacher:`` section, read by methods with ``needs_teacher`` (mimscale.teachers).
 
     The defaults are CAE v2's / MR-MAE's CLIP ViT-B/16 (OpenAI weights) for every student size;
-    each method's ``_base_`` recipe states its feature choice (METHODS.md §2.6, §4.3).
+    each method's ``_base_`` recipe states its feature choice (docs/methods.md §2.6, §4.3).
     """
 
     kind: Literal["open_clip", "timm"] = "open_clip"
@@ -187,7 +187,7 @@ class TeacherConfig:
 
 @dataclass
 class MTOConfig:
-    """The ``mto:`` section (mimscale.methods.mto); defaults are METHODS.md §5.8's chosen defaults."""
+    """The ``mto:`` section (mimscale.methods.mto); defaults are docs/methods.md §5.8's chosen defaults."""
 
     enabled: bool = False
     # §5.8 #1: "intent" = softplus(H^l - H^{l-1}) (heterogeneity falls with depth, as the text

@@ -7,7 +7,7 @@ upright image: EXIF orientation applied; 16-bit images are scaled to 8 bits)::
 
 ``replay_crop(image_bytes, record, view)`` reproduces the view's pixels before the colour
 augmentations, bit for bit (a later issue stores records beside precomputed teacher targets
-and replays them, the FKD recipe of METHODS.md §6.1). The pixels are a pure function of
+and replays them, the FKD recipe of docs/methods.md §6.1). The pixels are a pure function of
 (encoded bytes, record, view config, draft flag): the JPEG draft decision is derived from the
 record, never from state, so the pipeline and a replay always agree.
 

@@ -11,7 +11,7 @@ from torch import nn
 from mimscale.config import Derived, Recipe
 
 # Parameter names (suffixes) that the fine-tune exclusion set ("ndim1_bias_tokens") keeps out of
-# weight decay on top of ndim <= 1 params; MAE pre-training decays the 3-D tokens (METHODS.md §6.8).
+# weight decay on top of ndim <= 1 params; MAE pre-training decays the 3-D tokens (docs/methods.md §6.8).
 TOKEN_NAMES = ("cls_token", "pos_embed", "mask_token", "dist_token", "reg_token")
 
 
@@ -33,7 +33,7 @@ def no_decay_names(model: nn.Module, rule: str) -> set[str]:
         elif rule == "ndim1_bias_tokens" and name.split(".")[-1] in TOKEN_NAMES:
             out.add(name)
         elif rule == "ndim1_bias_cls_pos" and name.split(".")[-1] in ("cls_token", "pos_embed"):
-            out.add(name)  # SimMIM pre-training: its mask token stays decayed (METHODS.md §6.8)
+            out.add(name)  # SimMIM pre-training: its mask token stays decayed (docs/methods.md §6.8)
     return out
 
 

@@ -5,7 +5,7 @@
   and images, per head and layer. The class token's row and column are dropped and each row is
   renormalised over the patch keys, so uniform attention gives the mean pairwise distance of
   the grid.
-- **MTO heterogeneity per layer** (METHODS.md §5.2, Eq. 2): H^l of the encoder's hidden states
+- **MTO heterogeneity per layer** (docs/methods.md §5.2, Eq. 2): H^l of the encoder's hidden states
   for a fixed random mask (masked rows = X_M, visible rows = X_V); encoders with a mask token
   (SimMIM family) see the mask token at masked positions, as in pre-training. Uses
   :func:`mimscale.methods.mto.heterogeneity`.

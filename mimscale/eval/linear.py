@@ -1,6 +1,6 @@
 """Linear probing: MAE's head (BatchNorm without affine + Linear) and a fast cached-feature fit.
 
-The head is MAE ``main_linprobe.py``'s (METHODS.md §1.3): ``BatchNorm1d(affine=False, eps=1e-6)``
+The head is MAE ``main_linprobe.py``'s (docs/methods.md §1.3): ``BatchNorm1d(affine=False, eps=1e-6)``
 then a Linear initialised with std 0.01. The full protocol (LARS, 90 epochs, augmentation) runs
 as a recipe (``recipes/finetune/linprobe_*.yaml``) on the training engine; for periodic use
 during pre-training, :func:`fit_linear_probe` trains the same head on *cached* features (no

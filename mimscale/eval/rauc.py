@@ -1,10 +1,10 @@
-"""RAUC: the relative area under two evaluation curves (MTO, METHODS.md §5.7, Eq. 6).
+"""RAUC: the relative area under two evaluation curves (MTO, docs/methods.md §5.7, Eq. 6).
 
     RAUC(S1, S2; E1, E2) = int_{E1}^{E2} (S2(E) - S1(E1)) dE / int_{E1}^{E2} (S1(E) - S1(E1)) dE
 
 S1 is the baseline's accuracy curve, S2 the compared run's; both are integrated with the
 trapezoid rule over the union of their evaluation points in [E1, E2], each curve linearly
-interpolated there (METHODS.md: "trapezoid rule over the evaluated epochs" [I]). Identical
+interpolated there (docs/methods.md: "trapezoid rule over the evaluated epochs" [I]). Identical
 curves give 1; a curve that learns faster gives > 1.
 
 ``mimscale diagnose rauc RUN_A RUN_B --key eval/linear_top1 [--x epoch] --out DIR`` reads the

@@ -23,7 +23,7 @@ class MethodOutput(NamedTuple):
     """What a method returns. ``metrics`` holds detached scalars (loss terms etc.).
 
     ``aux`` carries tensors for plug-ins, never read by the engine. Methods with
-    ``feeds_mask_tokens`` fill it when ``return_stack_hidden`` is set (MTO, METHODS.md §5.1):
+    ``feeds_mask_tokens`` fill it when ``return_stack_hidden`` is set (MTO, docs/methods.md §5.1):
     ``aux["stack_hidden"]``: the ``L + 1`` states of the stack that carries mask tokens, each
     ``[B, N, D]`` (patch rows only, raster order; entry 0 enters block 1, entry l leaves block l);
     ``aux["stack_mask"]``: bool ``[B, N]``, True = the row is a mask token (= the batch mask).

@@ -1,4 +1,4 @@
-"""CAE v2: Context Autoencoder with CLIP Target (Zhang et al., 2022; METHODS.md §2).
+"""CAE v2: Context Autoencoder with CLIP Target (Zhang et al., 2022; docs/methods.md §2).
 
 A visible-only encoder (BEiT-style blocks: q/v bias, layer-scale, drop path; CAE sin-cos table)
 sees block-wise masked images with an exact masked count; a latent regressor of cross-attention
@@ -37,7 +37,7 @@ LossKind = Literal["cosine", "mse", "smooth_l1"]
 def feature_loss(
     pred: torch.Tensor, target: torch.Tensor, kind: LossKind, l2_normalize: bool = True
 ) -> torch.Tensor:
-    """Per-row feature distance, in fp32 (METHODS.md §6.6; CAE v2 Table 2 loss types).
+    """Per-row feature distance, in fp32 (docs/methods.md §6.6; CAE v2 Table 2 loss types).
 
     Args:
         pred: ``[B, n, C]`` head outputs. target: ``[B, n, C]`` teacher features.
@@ -60,7 +60,7 @@ def feature_loss(
 
 @torch.no_grad()
 def cae_init_(module: nn.Module) -> None:
-    """CAE v2 init (METHODS.md §1.2): xavier-uniform on every Linear (zero bias), LayerNorm 1/0.
+    """CAE v2 init (docs/methods.md §1.2): xavier-uniform on every Linear (zero bias), LayerNorm 1/0.
 
     This is the top-level ``_init_weights`` of CAE's ``ContextAutoencoderViT`` and overrides the
     BEiT init of the encoder's Linears; what it leaves -- the patch-embed conv, cls and mask tokens

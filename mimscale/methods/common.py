@@ -35,7 +35,7 @@ def unpatchify(patches: torch.Tensor, p: int, grid: tuple[int, int], channels: i
 def pixel_mse_loss(
     pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True
 ) -> torch.Tensor:
-    """MAE reconstruction loss, in fp32 whatever the autocast dtype (METHODS.md §6.6).
+    """MAE reconstruction loss, in fp32 whatever the autocast dtype (docs/methods.md §6.6).
 
     Args:
         pred: ``[B, N, P]`` predicted patches.

@@ -1,7 +1,7 @@
 """Fine-tuning and linear probing as a *method*, trained by the same engine (no second loop).
 
 ``method: finetune`` builds the encoder from ``model:``, loads the pre-trained weights named by
-``finetune.pretrained`` and adds a classifier (METHODS.md §1.3):
+``finetune.pretrained`` and adds a classifier (docs/methods.md §1.3):
 
 - ``mode: finetune`` (MAE ``main_finetune.py``): mean of the patch tokens of the last block
   (before the final norm, which MAE deletes) -> ``fc_norm`` (LayerNorm) -> Linear (trunc-normal
@@ -79,7 +79,7 @@ class Finetune(Method):
 
     @dataclass
     class Config:
-        """The ``finetune:`` recipe section (defaults: MAE ViT-B fine-tuning, METHODS.md §1.3)."""
+        """The ``finetune:`` recipe section (defaults: MAE ViT-B fine-tuning, docs/methods.md §1.3)."""
 
         mode: Literal["finetune", "linprobe"] = "finetune"
         pretrained: str = ""  # mimscale checkpoint or exported .safetensors; "" = random init

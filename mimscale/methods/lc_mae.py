@@ -1,6 +1,6 @@
 """LC-MAE: Longer-range Contextualized Masked Autoencoder (official code name "LUT", ECCV'24).
 
-METHODS.md §3. MAE plus a BYOL-style global guidance loss: the mean of the online encoder's
+docs/methods.md §3. MAE plus a BYOL-style global guidance loss: the mean of the online encoder's
 *visible* patch tokens, through projector + predictor, must match (2 - 2 cos) the mean patch
 token of a momentum encoder + projector that sees the *whole* image of the other view.
 

@@ -1,6 +1,6 @@
 """MAE: Masked Autoencoders Are Scalable Vision Learners (He et al., CVPR 2022).
 
-METHODS.md §1.3. The encoder sees the visible patches only; a light decoder (8 x 512, 16 heads)
+docs/methods.md §1.3. The encoder sees the visible patches only; a light decoder (8 x 512, 16 heads)
 inserts mask tokens and predicts the pixels of every patch; the loss is the per-patch
 normalised pixel MSE averaged over masked patches. Masks come from the batch (random, 0.75).
 """

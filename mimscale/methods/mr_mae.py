@@ -1,4 +1,4 @@
-"""MR-MAE: Mimic before Reconstruct (Gao et al., 2023; METHODS.md §4).
+"""MR-MAE: Mimic before Reconstruct (Gao et al., 2023; docs/methods.md §4).
 
 MAE (§1.3: random 75% masking, visible-only encoder, 8 x 512 decoder, norm-pix MSE on masked
 patches) plus a **mimic loss on the visible encoder tokens**: a linear head maps each visible
@@ -38,7 +38,7 @@ Focused = Literal["none", "sample", "topk", "mimic_subset"]
 
 
 def focused_mask(saliency: torch.Tensor, num_visible: int, mode: Literal["sample", "topk"]) -> torch.Tensor:
-    """Choose the visible set from the teacher's attention (METHODS.md §4.4 options A and B).
+    """Choose the visible set from the teacher's attention (docs/methods.md §4.4 options A and B).
 
     Args:
         saliency: float ``[B, N]``, non-negative (the [CLS] attention, rows sum to 1).
@@ -214,7 +214,7 @@ class MRMAE(Method):
 
 
 def fusion_layers(cfg: MRMAE.Config, depth: int) -> list[int]:
-    """The fused blocks: ``cfg.fusion_layers`` or {d/3, 2d/3, d} (METHODS.md §4.5, [I])."""
+    """The fused blocks: ``cfg.fusion_layers`` or {d/3, 2d/3, d} (docs/methods.md §4.5, [I])."""
     if cfg.fusion_layers is not None:
         return sorted(set(cfg.fusion_layers))
     return sorted({max(1, depth // 3), max(1, 2 * depth // 3), depth})

@@ -1,6 +1,6 @@
 """MTO: masked token optimization, a plug-in for any method that feeds mask tokens through a
 transformer stack (Choi et al., "Emerging Property of Masked Token for Effective Pre-training";
-METHODS.md §5).
+docs/methods.md §5).
 
 The host (MAE's decoder, SimMIM's encoder, ...) returns the ``L + 1`` hidden states of that stack
 in ``MethodOutput.aux`` when ``return_stack_hidden`` is set; no attention internals are read, so
@@ -72,7 +72,7 @@ def _row_entropy(logits: torch.Tensor, valid_cols: torch.Tensor) -> torch.Tensor
 
 
 def heterogeneity(x: torch.Tensor, mask: torch.Tensor, logit_scale: float | str = 1.0) -> torch.Tensor:
-    """H^l per sample (METHODS.md §5.2, Eq. 2), in fp32.
+    """H^l per sample (docs/methods.md §5.2, Eq. 2), in fp32.
 
     Args:
         x: ``[B, N, D]`` features of one layer, patch rows only (raster order).
@@ -95,7 +95,7 @@ def sparsity_loss(
     reduction: str = "mean",
     exclude_diag: bool = False,
 ) -> torch.Tensor:
-    """L_spa per sample (METHODS.md §5.3a, Eq. 3), in fp32.
+    """L_spa per sample (docs/methods.md §5.3a, Eq. 3), in fp32.
 
     Args:
         x0: ``[B, N, D]`` layer-0 features (the input of the stack's first block).
@@ -120,12 +120,12 @@ def sparsity_loss(
 
 
 def distinctiveness_loss(h0: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """L_e = 1 / (H^0 + eps) per sample (METHODS.md §5.3b, Eq. 4): ``[B]`` -> ``[B]``."""
+    """L_e = 1 / (H^0 + eps) per sample (docs/methods.md §5.3b, Eq. 4): ``[B]`` -> ``[B]``."""
     return 1.0 / (h0 + eps)
 
 
 def ranking_loss(h: torch.Tensor, rank_sign: str = "intent") -> torch.Tensor:
-    """L_r per sample (METHODS.md §5.3c, Eq. 5).
+    """L_r per sample (docs/methods.md §5.3c, Eq. 5).
 
     Args:
         h: ``[L + 1, B]``, H^0..H^L.

@@ -1,6 +1,6 @@
 """SimMIM: A Simple Framework for Masked Image Modeling (Xie et al., CVPR 2022).
 
-METHODS.md §1.4. The encoder sees every patch, masked ones replaced by a learned mask token
+docs/methods.md §1.4. The encoder sees every patch, masked ones replaced by a learned mask token
 (BEiT-style ViT: q/v bias, layer-scale 0.1, shared relative position bias, no absolute pos);
 a linear head (1x1 conv + PixelShuffle) predicts pixels; the loss is L1 on masked pixels of the
 ImageNet-normalised input. Masks come from the batch (32-px mask patches, ratio 0.6).
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 def masked_l1_loss(
     pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch_size: int
 ) -> torch.Tensor:
-    """SimMIM's reconstruction loss, in fp32 (METHODS.md §1.4, §6.6).
+    """SimMIM's reconstruction loss, in fp32 (docs/methods.md §1.4, §6.6).
 
     Args:
         pred: ``[B, C, H, W]`` reconstruction.

@@ -1,4 +1,4 @@
-"""Decoders that carry mask tokens (MAE's lightweight transformer decoder, METHODS.md §1.3).
+"""Decoders that carry mask tokens (MAE's lightweight transformer decoder, docs/methods.md §1.3).
 
 Key names map one-to-one onto MAE's checkpoints: MAE ``decoder_X`` is our ``decoder.X`` and
 MAE's top-level ``mask_token`` is ``decoder.mask_token``.

@@ -1,6 +1,6 @@
 """A momentum (EMA) copy of some modules, kept in fp32 and out of the engine's reach.
 
-Used by LC-MAE's momentum encoder (METHODS.md §3.5, §6.2). Design:
+Used by LC-MAE's momentum encoder (docs/methods.md §3.5, §6.2). Design:
 
 - The shadow copy is **not** a registered submodule. A bf16 DeepSpeed engine casts every registered
   parameter of the trained module to bf16 and ZeRO-3 partitions them; an EMA with tau -> 1 in bf16

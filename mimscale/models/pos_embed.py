@@ -1,4 +1,4 @@
-"""Fixed 2-D sin-cos position tables (METHODS.md §1.2).
+"""Fixed 2-D sin-cos position tables (docs/methods.md §1.2).
 
 Two channel layouts exist in the released checkpoints and both are ported with their quirks,
 so that those checkpoints load and behave identically:

@@ -1,4 +1,4 @@
-"""CAE's latent regressor: cross-attention blocks whose queries are mask tokens (METHODS.md §2.3).
+"""CAE's latent regressor: cross-attention blocks whose queries are mask tokens (docs/methods.md §2.3).
 
 Each block updates only the masked queries; keys and values are re-formed every block from the
 fixed visible latents and the current queries. Three separate LayerNorms build q, k and v;
@@ -51,7 +51,7 @@ class CrossAttention(nn.Module):
 
 
 class RegressorBlock(nn.Module):
-    """One CAE regressor block (METHODS.md §2.3, steps 1-6).
+    """One CAE regressor block (docs/methods.md §2.3, steps 1-6).
 
     Args:
         dim: width. num_heads: heads. mlp_ratio: MLP hidden ratio. layer_scale: gamma init.
@@ -96,7 +96,7 @@ class RegressorOutput(NamedTuple):
 class LatentRegressor(nn.Module):
     """Mask-token queries -> ``depth`` regressor blocks over the (fixed) visible latents.
 
-    The encoder -> regressor width change (Linear + LN, METHODS.md §2.7 for ViT-T) belongs to the
+    The encoder -> regressor width change (Linear + LN, docs/methods.md §2.7 for ViT-T) belongs to the
     caller, so the visible latents reach here at width ``dim``.
 
     Args:

@@ -5,7 +5,7 @@ This is the adapter that reaches into open_clip / timm internals for teachers (t
 so every parameter is used only inside the ``forward`` of the module that owns it; that is what
 DeepSpeed ZeRO-3 (the offloaded teacher) needs to gather weights with its module hooks.
 
-Token features follow METHODS.md §1.8 / §2.6: the chosen block's output, the final norm
+Token features follow docs/methods.md §1.8 / §2.6: the chosen block's output, the final norm
 (``ln_post`` / timm ``norm``) applied to **every** token (stock CLIP applies it to the class
 token only), and optionally open_clip's ``proj`` (768 -> 512 for CLIP-B/16) on every token.
 The last block's [CLS] attention comes from the same forward: only that block is computed

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from mimscale.config import ModelConfig
 from mimscale.models.pos_embed import cae_sincos_pos_embed, mae_sincos_pos_embed
 
-# name -> (embed_dim, depth, num_heads), METHODS.md §1.1. ViT-T uses 12 heads as CAE v2 /
+# name -> (embed_dim, depth, num_heads), docs/methods.md §1.1. ViT-T uses 12 heads as CAE v2 /
 # MAE-lite; ViT-S uses 6 heads (MAE / LUT / DeiT); override model.num_heads for CAE v2's 12.
 SIZES: dict[str, tuple[int, int, int]] = {
     "tiny": (192, 12, 12),
@@ -95,7 +95,7 @@ def _equal_visible_count(mask: torch.Tensor) -> int:
         raise ValueError(
             "visible-token encoding gathers [B, |V|, D] and needs the same number of masked patches "
             f"in every sample; got counts from {lo} to {hi}. Use a mask generator with an exact "
-            "count (METHODS.md §6.4)."
+            "count (docs/methods.md §6.4)."
         )
     return mask.shape[1] - lo
 
@@ -125,7 +125,7 @@ def run_blocks(
     """Apply ``blocks`` in order, keeping the states of the layers in ``keep``.
 
     Layer 0 is ``x`` itself, layer l the output of block l. Activation checkpointing wraps each
-    block (non-reentrant); states are returned, never captured with hooks (METHODS.md §6.5).
+    block (non-reentrant); states are returned, never captured with hooks (docs/methods.md §6.5).
     """
     states = {0: x} if 0 in keep else {}
     for i, blk in enumerate(blocks):
@@ -140,7 +140,7 @@ def run_blocks(
 
 @torch.no_grad()
 def mae_init_(module: nn.Module) -> None:
-    """MAE initialisation (METHODS.md §1.2): xavier-uniform Linear with zero bias, LayerNorm 1/0,
+    """MAE initialisation (docs/methods.md §1.2): xavier-uniform Linear with zero bias, LayerNorm 1/0,
     a patch-embed conv initialised as a flattened Linear, cls and mask tokens N(0, 0.02)."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
@@ -251,7 +251,7 @@ class ViTEncoder(nn.Module):
         self.grad_checkpointing = False
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim)) if mask_token else None
         if self.vit.pos_embed is not None:
-            # Fixed sin-cos table (METHODS.md §1.2), also for Beit when abs_pos = sincos; MAE or CAE layout.
+            # Fixed sin-cos table (docs/methods.md §1.2), also for Beit when abs_pos = sincos; MAE or CAE layout.
             layout = cae_sincos_pos_embed if cfg.sincos_layout == "cae" else mae_sincos_pos_embed
             table = layout(dim, self.grid, cls_token=True)
             self.vit.pos_embed.data.copy_(table.unsqueeze(0))
@@ -268,7 +268,7 @@ class ViTEncoder(nn.Module):
         """Patch embed, mask handling, pos add, cls prepend -> ``[B, 1 + n, D]``."""
         x = self.vit.patch_embed(images)  # [B, N, D]
         if mode == "mask_token":
-            # SimMIM (METHODS.md §1.4): x <- x * (1 - w) + m * w, before pos add and blocks.
+            # SimMIM (docs/methods.md §1.4): x <- x * (1 - w) + m * w, before pos add and blocks.
             assert mask is not None and self.mask_token is not None  # checked by _check
             w = mask.unsqueeze(-1).to(x.dtype)
             x = x * (1.0 - w) + self.mask_token.to(x.dtype) * w

@@ -1,4 +1,4 @@
-"""Precomputed teacher targets (METHODS.md §6.1, the FKD recipe for dense MIM targets).
+"""Precomputed teacher targets (docs/methods.md §6.1, the FKD recipe for dense MIM targets).
 
 The frozen teacher runs once over K replayable views per image (:mod:`.precompute`); training
 with ``teacher.source: precomputed`` replays one stored view per image and epoch pixel-exactly

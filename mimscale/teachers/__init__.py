@@ -1,4 +1,4 @@
-"""Frozen teachers (open_clip CLIP towers, timm ViTs) as target providers (METHODS.md §1.8, §6.1).
+"""Frozen teachers (open_clip CLIP towers, timm ViTs) as target providers (docs/methods.md §1.8, §6.1).
 
 - :mod:`mimscale.teachers.weights` — where the weights are (a file, the local open_clip / Hugging
   Face cache) and, for a weights file, the architecture its tensors describe.

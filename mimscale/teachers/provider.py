@@ -1,11 +1,11 @@
-"""The frozen teacher as a target provider (METHODS.md §1.8, §6.1).
+"""The frozen teacher as a target provider (docs/methods.md §1.8, §6.1).
 
 The engine calls :func:`build_provider` once, outside ``deepspeed.initialize`` (DeepSpeed issue
 #3175: a teacher inside a ZeRO-3 student engine breaks), and then ``targets = provider(batch)``
 per micro-batch. The teacher is frozen, in eval mode, runs under ``no_grad`` (bf16 on GPU), is in
 no optimizer group and in no training checkpoint. It sees the student's exact view (crop, flip,
 colour jitter: ``batch["views"][0]``, uint8), renormalised with its own mean/std on the device and
-resized so that its token grid equals the student's (METHODS.md §1.8 option a: a ViT-H/14 student
+resized so that its token grid equals the student's (docs/methods.md §1.8 option a: a ViT-H/14 student
 at 224 px has 16x16 tokens, so a patch-16 teacher gets 256 px with interpolated position
 embeddings).
 """

@@ -1,4 +1,4 @@
-"""Optimizer groups: which parameters skip weight decay under each recipe rule (METHODS.md §6.8)."""
+"""Optimizer groups: which parameters skip weight decay under each recipe rule (docs/methods.md §6.8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LC-MAE (METHODS.md §3): the loss pieces against hand values and an independent recomputation,
+"""LC-MAE (docs/methods.md §3): the loss pieces against hand values and an independent recomputation,
 the disjoint second mask, the momentum schedule and the fp32 momentum copy, recipe checks."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MTO (METHODS.md §5): H^l and every term against hand values and a per-sample loop, gradients
+"""MTO (docs/methods.md §5): H^l and every term against hand values and a per-sample loop, gradients
 (L_e reaches the mask token, rank_sign flips L_r), the plug-in wiring and recipe validation."""
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def test_heterogeneity_hand_values() -> None:
 
 
 def test_identical_mask_tokens_at_layer_zero() -> None:
-    # SimMIM's layer 0: every masked row is the same mask token m (METHODS.md §5.4).
+    # SimMIM's layer 0: every masked row is the same mask token m (docs/methods.md §5.4).
     vis = torch.tensor([[0.5, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # |V| = 3
     m = torch.tensor([0.2, -0.4, 0.6])
     x = torch.cat([m.expand(4, 3), vis]).unsqueeze(0)  # 4 identical masked rows, then 3 visible
@@ -87,7 +87,7 @@ def test_distinctiveness_and_ranking_hand_values() -> None:
     sp = lambda v: math.log1p(math.exp(v))
     assert ranking_loss(h, "intent").item() == pytest.approx(sp(1 - 2) + sp(1.5 - 1), rel=1e-6)
     assert ranking_loss(h, "paper_literal").item() == pytest.approx(sp(2 - 1) + sp(1 - 1.5), rel=1e-6)
-    # equal H everywhere: the constant L * log 2 of METHODS.md §5.3c
+    # equal H everywhere: the constant L * log 2 of docs/methods.md §5.3c
     assert ranking_loss(torch.ones(9, 1), "intent").item() == pytest.approx(8 * math.log(2), rel=1e-6)
 
 

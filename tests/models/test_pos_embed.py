@@ -1,4 +1,4 @@
-"""Sin-cos tables against hand-written per-token formulas (METHODS.md §1.2)."""
+"""Sin-cos tables against hand-written per-token formulas (docs/methods.md §1.2)."""
 
 import math
 
