@@ -251,7 +251,8 @@ class ViTEncoder(nn.Module):
         self.grad_checkpointing = False
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim)) if mask_token else None
         if self.vit.pos_embed is not None:
-            # Fixed sin-cos table (docs/methods.md §1.2), also for Beit when abs_pos = sincos; MAE or CAE layout.
+            # Fixed sin-cos table (docs/methods.md §1.2), also for Beit when abs_pos = sincos;
+            # MAE or CAE layout.
             layout = cae_sincos_pos_embed if cfg.sincos_layout == "cae" else mae_sincos_pos_embed
             table = layout(dim, self.grid, cls_token=True)
             self.vit.pos_embed.data.copy_(table.unsqueeze(0))
