@@ -118,7 +118,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="mimscale-bench-") as tmp:
         root = Path(tmp)
         stats = _write_sources(root / "src", a.images, a.seed)
-        sets = {"full": {}, "short256": {"short_side": 256, "quality": 90}}
+        sets: dict[str, dict[str, Any]] = {"full": {}, "short256": {"short_side": 256, "quality": 90}}
         result: dict[str, Any] = {}
         for name, kw in sets.items():
             make_shards(root / "src", root / name, shard_size=a.images, progress=False, **kw)

@@ -32,7 +32,10 @@ TINY = ["train.global_batch=8", "train.micro_batch=8"]
 
 def variants(base: str, mto_host: str) -> dict[str, tuple[str, list[str]]]:
     """name -> (recipe path under recipes/, extra overrides)."""
-    out = {"mae": (f"mae/{base}.yaml", []), "lc_mae": (f"lc_mae/{base}.yaml", [])}
+    out: dict[str, tuple[str, list[str]]] = {
+        "mae": (f"mae/{base}.yaml", []),
+        "lc_mae": (f"lc_mae/{base}.yaml", []),
+    }
     out.setdefault(mto_host, (f"{mto_host}/{base}.yaml", []))
     out[f"{mto_host}+mto"] = (f"{mto_host}/{base}.yaml", ["mto.enabled=true"])
     return out
@@ -65,7 +68,8 @@ def run(recipes: dict[str, Any], steps: int, warmup: int) -> dict[str, Any]:
     from mimscale.engine.optim import use_bf16
 
     dist = init_distributed()
-    steps_fn, times = {}, {name: [] for name in recipes}
+    steps_fn: dict[str, Any] = {}
+    times: dict[str, list[float]] = {name: [] for name in recipes}
     for name, r in recipes.items():
         engine, accum = _engine(r, dist)
         dtype = torch.bfloat16 if use_bf16(r, dist.device) else torch.float32

@@ -43,8 +43,8 @@ def shim_official() -> None:
     def init(self, *args: Any, qk_scale: Any = None, **kw: Any) -> None:  # qk_scale: always None there
         orig(self, *args, **kw)
 
-    vt.Block.__init__ = init
-    vt.Block._mimscale_shim = True
+    vt.Block.__init__ = init  # type: ignore[method-assign]
+    vt.Block._mimscale_shim = True  # type: ignore[attr-defined]
 
 
 def build_official(src: str, size: str, patch: int, img: int, smoke: bool) -> torch.nn.Module:

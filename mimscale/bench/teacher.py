@@ -20,6 +20,7 @@ step (:func:`mimscale.engine.loop.train_step`) on one synthetic micro-batch (acc
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ def teacher_batch(recipe, views: int, repeats: int, seed: int = 0) -> dict[str, 
     s, p = recipe.model.img_size, recipe.model.patch_size
     g = torch.Generator().manual_seed(seed)
     gen = build_mask_generator(recipe.mask, (s // p, s // p), s, p)
+    assert gen is not None, "the teacher bench draws masks: mask.kind must not be none"
     rng = np.random.default_rng(seed)
     return {
         "views": [torch.randint(0, 256, (views, 3, s, s), dtype=torch.uint8, generator=g)],
@@ -119,7 +121,7 @@ def run_bench(recipe, steps: int, warmup: int = 2) -> dict[str, Any]:
     for m in (1, 2, 4):
         if n % m == 0:
             bm = teacher_batch(recipe, n // m, m)
-            t, _ = _timed(lambda bm=bm: step(bm, provider), steps, warmup, dev)
+            t, _ = _timed(functools.partial(step, bm, provider), steps, warmup, dev)
             out["amortised"][f"M={m}"] = {"step_s": t, "s_per_image": t / n, "s_per_view": t / (n // m)}
     student_flops, teacher_flops = _flops(engine.module, provider, batch, dev, dtype)
     out.update(student_flops_per_image=student_flops / n, teacher_flops_per_image=teacher_flops / n)
@@ -201,8 +203,11 @@ def _precomputed(recipe, provider, step, batch, dev, dtype, steps: int, warmup: 
 
     encoded = _encoded(provider, batch, dev, dtype)
     exact = provider(prepare_batch(batch, dev, dtype))
-    fns = {"online": lambda: step(batch, provider), "none": lambda: step(batch, lambda _b: exact)}
-    fns |= {f"precomputed_{k}": (lambda b=b, p=p: step(b, p)) for k, (b, p, _) in encoded.items()}
+    fns: dict[str, Any] = {
+        "online": functools.partial(step, batch, provider),
+        "none": functools.partial(step, batch, lambda _b: exact),
+    }
+    fns |= {f"precomputed_{k}": functools.partial(step, b, p) for k, (b, p, _) in encoded.items()}
     t = _alternated(fns, steps, warmup, dev)
     out: dict[str, Any] = {"step_s": t, "encodings": {}}
     grid, channels = exact.tokens.shape[1], exact.tokens.shape[2]

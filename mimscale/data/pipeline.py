@@ -106,7 +106,7 @@ class ShardLoader:
         # the totals of finished iterations.
         self._errors_before = 0
         self._errors_now: dict[int, int] = {}
-        self._active: Iterator[dict[str, Any]] | None = None
+        self._active: Any = None  # the current iteration (a generator: closed to stop workers)
 
     @property
     def shard_errors(self) -> int:
@@ -194,7 +194,7 @@ class ShardLoader:
                 dataset,
                 batch_size=None,
                 num_workers=workers,
-                collate_fn=identity_collate,
+                collate_fn=identity_collate,  # type: ignore[arg-type]  # batch_size=None: one item
                 persistent_workers=False,  # workers restart each epoch with the new position
                 pin_memory=torch.cuda.is_available(),  # the engine copies batches to the GPU
                 # Its own generator: without one, creating the iterator draws from the global

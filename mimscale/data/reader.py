@@ -253,7 +253,7 @@ def range_stream(spec: EpochSpec, worker: int, policy: ErrorPolicy) -> Iterator[
     slots = spec.world_size * spec.workers
     lo, hi = _slot_range(sum(counts), slots, spec.rank * spec.workers + worker)
     offset = 0
-    for k in order:
+    for k in order.tolist():
         n = counts[k]
         if offset < hi and offset + n > lo:
             # Only the reader whose range reaches the shard's end reads all of it: it checks the digest.

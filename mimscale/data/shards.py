@@ -62,7 +62,7 @@ class SourceItem:
 
 def _files_under(root: Path) -> list[Path]:
     """Regular, non-hidden files below ``root``, sorted (deterministic across runs and hosts)."""
-    out = []
+    out: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         out.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
@@ -187,7 +187,7 @@ def _encode(item: SourceItem, settings: dict[str, Any]) -> tuple[str, bytes, dic
     decodes it; re-encoded images are stored upright and 16-bit ones scaled to 8 bits.
     """
     data = Path(item.path).read_bytes()
-    img = Image.open(io.BytesIO(data))
+    img: Image.Image = Image.open(io.BytesIO(data))
     fmt, (w, h) = img.format, oriented_size(img)
     if settings["verify"]:
         img.load()  # full decode: catches truncated files that only have a valid header

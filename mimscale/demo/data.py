@@ -64,7 +64,7 @@ def _write_tree(root: Path, images: np.ndarray, labels: np.ndarray, size: int, f
         rgb = _upscale(img, size)
         d = root / str(int(lab))
         d.mkdir(parents=True, exist_ok=True)
-        rgb.save(d / f"{i:04d}.{ext}", **({"quality": 95} if fmt == "jpeg" else {}))
+        rgb.save(d / f"{i:04d}.{ext}", **({"quality": 95} if fmt == "jpeg" else {}))  # type: ignore[arg-type]
 
 
 def write_digits_shards(

@@ -74,7 +74,9 @@ def _fit(cfg: TeacherRecipe, data: dict[str, Any], log: Any) -> tuple[torch.nn.M
     import timm
 
     torch.manual_seed(cfg.seed)
-    sizes = dict(embed_dim=cfg.width, depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio)
+    sizes: dict[str, Any] = dict(
+        embed_dim=cfg.width, depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio
+    )
     model = timm.create_model(
         cfg.timm_model, num_classes=10, img_size=cfg.img_size, patch_size=cfg.patch_size, **sizes
     )

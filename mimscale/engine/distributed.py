@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -89,8 +90,8 @@ class StopRequest:
         self.signal: str | None = None
         # One rank watching the file is enough (the flag is all-reduced); spares a shared file system.
         self.stop_file = (os.environ.get("MIMSCALE_STOP_FILE") or None) if watch_file else None
-        self._group = None  # the gloo group of the lagged stop reduce (made at the first poll)
-        self._pending: tuple | None = None
+        self._group: Any = None  # the gloo group of the lagged stop reduce (made at the first poll)
+        self._pending: tuple[Any, torch.Tensor] | None = None
 
     def install(self) -> None:
         """Install the handlers (main thread only). Data workers forked later inherit them, so a
@@ -138,6 +139,7 @@ class StopRequest:
         return agreed
 
     def _wait(self) -> float:
+        assert self._pending is not None  # poll() only waits on a reduce it started
         work, flag = self._pending
         self._pending = None
         work.wait()

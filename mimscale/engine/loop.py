@@ -25,6 +25,7 @@ from mimscale.engine.setup import (  # noqa: F401  (re-exported for tests and th
     prepare_batch,
     seed_everything,
 )
+from mimscale.methods.base import Method
 
 
 class NonFiniteLossError(RuntimeError):
@@ -107,7 +108,7 @@ def _skip_if(opt: torch.optim.Optimizer | None, bad: torch.Tensor) -> None:
     if opt is None:
         return
     if opt.defaults.get("fused"):
-        opt.found_inf = bad  # read by the fused kernel on the device
+        opt.found_inf = bad  # type: ignore[attr-defined]  # read by the fused kernel on the device
     elif bool(bad):  # host read, once per step (LARS has no found_inf): lr 0, no gradient
         for g in opt.param_groups:  # the schedule sets every group's lr again after the step
             g["lr"] = 0.0
@@ -192,10 +193,10 @@ class Trainer:
         self._keys = self._open_keys_log()
 
     @property
-    def method(self) -> torch.nn.Module:
+    def method(self) -> Method:
         return self.engine.module
 
-    def _build_engine(self, method: torch.nn.Module):
+    def _build_engine(self, method: Method) -> Any:
         if self.r.train.activation_checkpointing:
             method.set_grad_checkpointing(True)
         return build_engine(method, self.r, self.d, self.dist.device)
@@ -399,7 +400,9 @@ class Trainer:
             return
         tag = checkpoint.read_pointer(self.ckpt_dir)
         if s.reloaded or tag is None:
-            where = f"after reloading {self.ckpt_dir / tag}" if s.reloaded else "and no checkpoint to reload"
+            where = (
+                f"after reloading {self.ckpt_dir / str(tag)}" if s.reloaded else "and no checkpoint to reload"
+            )
             raise NonFiniteLossError(
                 f"{s.consecutive_bad} consecutive non-finite losses at step {s.step} {where}; stopping"
             )

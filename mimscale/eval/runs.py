@@ -6,6 +6,7 @@ Above :mod:`mimscale.eval.ckpt` (which only reads files): this needs the method 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ def load_method(
     if hasattr(recipe.method_cfg, "pretrained"):
         recipe.method_cfg.pretrained = ""  # the checkpoint already holds the fine-tuned weights
     method = build_method(recipe)
-    state = method_state_dict(path)
+    state: dict[str, Any] = dict(method_state_dict(path))
     state.update(_extra_states(path, set(method.state_dict()) - set(state)))
     method.load_state_dict(state, strict=True)
     return method.to(device).eval(), recipe

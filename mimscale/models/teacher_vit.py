@@ -34,7 +34,7 @@ class TowerOutput(NamedTuple):
 class _ClipEmbed(nn.Module):
     """open_clip's ``VisionTransformer._embeds`` as a module owning its parameters."""
 
-    def __init__(self, visual: nn.Module) -> None:
+    def __init__(self, visual: Any) -> None:
         super().__init__()
         self.conv1 = visual.conv1
         self.class_embedding = visual.class_embedding  # [C]
@@ -51,7 +51,7 @@ class _ClipEmbed(nn.Module):
 class _TimmEmbed(nn.Module):
     """timm ``VisionTransformer`` patch embed + cls + pos (+ ``norm_pre``) as one module."""
 
-    def __init__(self, vit: nn.Module) -> None:
+    def __init__(self, vit: Any) -> None:
         super().__init__()
         if getattr(vit, "reg_token", None) is not None or getattr(vit, "no_embed_class", False):
             raise ValueError(
@@ -81,7 +81,7 @@ class _Proj(nn.Module):
         return x @ self.proj.to(x.dtype)
 
 
-def _clip_block_with_attn(blk: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _clip_block_with_attn(blk: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """open_clip ``ResidualAttentionBlock.forward`` with the head-averaged attention returned."""
     y = blk.ln_1(x)
     out, w = blk.attn(y, y, y, need_weights=True, average_attn_weights=True)  # w: [B, L, L]
@@ -90,7 +90,7 @@ def _clip_block_with_attn(blk: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     return x, w
 
 
-def _timm_block_with_attn(blk: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _timm_block_with_attn(blk: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """timm ``Block.forward`` (eval) with an explicit softmax so the weights can be returned."""
     a = blk.attn
     y = blk.norm1(x)
@@ -140,7 +140,7 @@ class TeacherViT(nn.Module):
         return super().train(False)
 
     @classmethod
-    def from_open_clip(cls, visual: nn.Module, layer: int, norm: bool, proj: bool) -> TeacherViT:
+    def from_open_clip(cls, visual: Any, layer: int, norm: bool, proj: bool) -> TeacherViT:
         """Wrap ``open_clip``'s ``VisionTransformer`` (``model.visual``).
 
         Args:
@@ -173,7 +173,7 @@ class TeacherViT(nn.Module):
         )
 
     @classmethod
-    def from_timm(cls, vit: nn.Module, layer: int, norm: bool) -> TeacherViT:
+    def from_timm(cls, vit: Any, layer: int, norm: bool) -> TeacherViT:
         """Wrap a timm ``VisionTransformer`` (e.g. ``vit_base_patch16_224.dino``).
 
         Args:

@@ -210,7 +210,7 @@ class BankReader:
         self.root, manifest = read_bank_manifest(path)
         self.views_per_image = int(manifest["views_per_image"])
         self.dtype = record_dtype(manifest["record"])
-        self.target_fields = [n for n in self.dtype.names if n not in ("replay", "crc")]
+        self.target_fields = [n for n in self.dtype.names or () if n not in ("replay", "crc")]
         self._by_image = {s["image"]: s["file"] for s in manifest["shards"]}
         self._image_sha = {s["image"]: s.get("image_sha256") for s in manifest["shards"]}
         self._open: dict[str, _OpenShard] = {}

@@ -51,7 +51,10 @@ def step_time_ratio(recipe: Any, bank: str, steps: int = 6) -> dict[str, float]:
     pre_recipe = dataclasses.replace(
         r, teacher=dataclasses.replace(r.teacher, source="precomputed", bank=bank)
     )
-    providers = {"online": build_provider(r, cpu), "precomputed": build_precomputed_provider(pre_recipe, cpu)}
+    providers: dict[str, Any] = {
+        "online": build_provider(r, cpu),
+        "precomputed": build_precomputed_provider(pre_recipe, cpu),
+    }
     times: dict[str, list[float]] = {k: [] for k in [*providers, "teacher", "decode"]}
     for i in range(steps + 1):
         for name, provider in providers.items():

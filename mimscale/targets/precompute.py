@@ -174,9 +174,11 @@ class Precompute:
         from mimscale.data.reader import ErrorPolicy, read_shard, shard_entry
 
         policy = ErrorPolicy("fail", 0, 0)  # a bad image shard stops the precompute, naming it
-        keys, items, bad = [], [], 0
+        keys: list[str] = []
+        items: list[Any] = []
+        bad = 0
         for s in read_shard(self.source.urls[i], policy, shard_entry(self.source, i)):
-            data = next((s[k] for k in IMAGE_KEYS if k in s), None)
+            data: Any = next((s[k] for k in IMAGE_KEYS if k in s), None)
             try:
                 replays = self._replays(data, s["__key__"])
             except Exception as e:  # noqa: BLE001 - undecodable: training skips it too (key absent)

@@ -207,7 +207,8 @@ def teacher_out_dim(cfg: TeacherConfig) -> int:
     import timm
 
     with torch.device("meta"):
-        return int(timm.create_model(cfg.model, pretrained=False, num_classes=0).embed_dim)
+        model: Any = timm.create_model(cfg.model, pretrained=False, num_classes=0)
+        return int(model.embed_dim)
 
 
 def _zero_inference(model: TeacherViT, device: torch.device, dtype: torch.dtype) -> Any:

@@ -94,11 +94,13 @@ def _open_clip_tower(
     if mcfg is None:
         raise RecipeError(f".teacher.model: unknown open_clip model {cfg.model!r}")
     kw: dict[str, Any] = {}
-    sizes = {k: getattr(arch, k) for k in ("width", "depth", "patch_size", "out_dim")} if arch else {}
+    sizes: dict[str, Any] = (
+        {k: getattr(arch, k) for k in ("width", "depth", "patch_size", "out_dim")} if arch else {}
+    )
     sizes = sizes or cfg.arch_overrides()
     if sizes:  # built from the file's shapes, or a tiny random tower from the teacher keys
-        vision = dict(mcfg["vision_cfg"])
-        width = sizes.get("width", vision["width"])
+        vision: dict[str, Any] = dict(mcfg["vision_cfg"])
+        width = int(sizes.get("width", vision["width"]))
         head_dim = int(vision.get("head_width", 64))
         if arch is not None:
             heads = _heads(cfg, width, head_dim)
@@ -137,8 +139,8 @@ def _timm_tower(
     kw: dict[str, Any] = {}
     if arch is not None:  # every size from the file; heads from teacher.heads or the head width
         with torch.device("meta"):
-            named = timm.create_model(cfg.model, pretrained=False, num_classes=0)
-        attn = getattr(named.blocks[0], "attn", None)  # 64, timm's usual head width, when unknown
+            named: Any = timm.create_model(cfg.model, pretrained=False, num_classes=0)
+        attn: Any = getattr(named.blocks[0], "attn", None)  # 64, timm's usual head width, when unknown
         head_dim = named.embed_dim // attn.num_heads if hasattr(attn, "num_heads") else 64
         kw = dict(arch.extras)
         kw.update(embed_dim=arch.width, depth=arch.depth, num_heads=_heads(cfg, arch.width, head_dim),
@@ -150,7 +152,7 @@ def _timm_tower(
         kw["img_size"] = img_size  # timm resamples a loaded pos-embed to the new grid
     if weights is not None and arch is None:
         kw.update(pretrained=True, pretrained_cfg_overlay={"file": weights})
-    vit = timm.create_model(cfg.model, num_classes=0, **kw)
+    vit: Any = timm.create_model(cfg.model, num_classes=0, **kw)
     if arch is not None and weights is not None:
         sd = {k: v for k, v in load_state(weights).items() if not k.startswith(("head.", "fc_norm."))}
         pos = sd["pos_embed"][0]
@@ -219,4 +221,5 @@ def patch_of(cfg: TeacherConfig, arch: FileArch | None) -> int:
     import timm
 
     with torch.device("meta"):
-        return int(timm.create_model(cfg.model, pretrained=False).patch_embed.patch_size[0])
+        model: Any = timm.create_model(cfg.model, pretrained=False)
+        return int(model.patch_embed.patch_size[0])

@@ -172,7 +172,7 @@ def _grid(n_tokens: int, path: str, key: str) -> int:
 def _timm_arch(sd: dict[str, torch.Tensor], path: str) -> FileArch:
     keys = list(sd)
     width, depth = sd["cls_token"].shape[-1], _depth(keys, "blocks.")
-    extras = {"qkv_bias": "blocks.0.attn.qkv.bias" in sd, "pre_norm": "norm_pre.weight" in sd,
+    extras: dict[str, Any] = {"qkv_bias": "blocks.0.attn.qkv.bias" in sd, "pre_norm": "norm_pre.weight" in sd,
               "qk_norm": "blocks.0.attn.q_norm.weight" in sd}  # fmt: skip
     if "blocks.0.ls1.gamma" in sd:
         extras["init_values"] = 1.0  # layer scale present; its values come from the file
