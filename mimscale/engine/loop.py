@@ -139,7 +139,7 @@ class Trainer:
         from mimscale.data.pipeline import build_train_loader
         from mimscale.methods import build_method
 
-        self.r = recipe
+        self.recipe = recipe
         self.dist: DistInfo = init_distributed()
         # Before the data workers fork, so they inherit the handlers (a signal to the whole
         # process tree must not kill them mid-step).
@@ -167,8 +167,10 @@ class Trainer:
             bank=recipe.teacher.bank if recipe.teacher.source == "precomputed" else None,
         )
         samples = self.loader.batches_per_epoch * t.micro_batch * self.dist.world_size
-        self.d: Derived = derive(recipe, self.dist.world_size, samples)
-        method.set_total_steps(self.d.total_steps)  # per-step schedules inside methods (LC-MAE momentum)
+        self.derived: Derived = derive(recipe, self.dist.world_size, samples)
+        method.set_total_steps(
+            self.derived.total_steps
+        )  # per-step schedules inside methods (LC-MAE momentum)
         self.engine = self._build_engine(method)
         # The frozen teacher is built here, outside deepspeed.initialize (DeepSpeed #3175).
         self.targets_fn = build_target_provider(recipe, self.dist.device)
@@ -186,7 +188,7 @@ class Trainer:
         if self.dist.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_recipe(recipe, self.run_dir / "recipe.yaml")
-        meta = {"derived": vars(self.d), "teacher": getattr(self.targets_fn, "metadata", None)}
+        meta = {"derived": vars(self.derived), "teacher": getattr(self.targets_fn, "metadata", None)}
         self.logger = MetricLogger(recipe, self.run_dir, self.dist.rank, extra_meta=meta)
         if recipe.run.resume == "auto":
             self._maybe_resume()
@@ -197,9 +199,9 @@ class Trainer:
         return self.engine.module
 
     def _build_engine(self, method: Method) -> Any:
-        if self.r.train.activation_checkpointing:
+        if self.recipe.train.activation_checkpointing:
             method.set_grad_checkpointing(True)
-        return build_engine(method, self.r, self.d, self.dist.device)
+        return build_engine(method, self.recipe, self.derived, self.dist.device)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -210,7 +212,9 @@ class Trainer:
             return
         self._check_compatible(self.ckpt_dir / tag / "recipe.yaml")
         self._load(tag)
-        before, now = apply_recipe_lr(self.engine.lr_scheduler, self.r, self.d)  # a changed lr applies
+        before, now = apply_recipe_lr(
+            self.engine.lr_scheduler, self.recipe, self.derived
+        )  # a changed lr applies
         self._rewind_logs()
         if self.dist.rank == 0:
             print(f"[mimscale] resumed from {self.ckpt_dir / tag} at step {self.state.step}", flush=True)
@@ -225,7 +229,7 @@ class Trainer:
         """Drop what a killed run logged after the checkpoint this run starts from: those steps
         are replayed, and every step must appear once however many kills and resumes."""
         self.logger.rewind(self.state.step)
-        if self.r.train.log_keys:  # one line per step attempted (bad steps included)
+        if self.recipe.train.log_keys:  # one line per step attempted (bad steps included)
             keys = self.run_dir / f"keys_rank{self.dist.rank}.txt"
             _truncate_lines(keys, self.state.step + self.state.bad_steps)
 
@@ -239,10 +243,10 @@ class Trainer:
         old = yaml.safe_load(saved.read_text()).get("train", {})
         dev = self.dist.device
         for key, now, then in [
-            ("train.zero_stage", self.r.train.zero_stage, old.get("zero_stage")),
+            ("train.zero_stage", self.recipe.train.zero_stage, old.get("zero_stage")),
             (
                 "train.precision (resolved bf16)",
-                use_bf16(self.r, dev),
+                use_bf16(self.recipe, dev),
                 old.get("precision") == "bf16" or (old.get("precision") == "auto" and dev.type == "cuda"),
             ),
         ]:
@@ -272,9 +276,11 @@ class Trainer:
             "samples": self.state.samples,
             "data": self.loader.state_dict(),
             "bad_steps": self.state.bad_steps,
-            "recipe": self.r.to_dict(),
+            "recipe": self.recipe.to_dict(),
         }
-        tag = checkpoint.save(self.engine, self.ckpt_dir, self.state.step, client, self.r, self.dist.rank)
+        tag = checkpoint.save(
+            self.engine, self.ckpt_dir, self.state.step, client, self.recipe, self.dist.rank
+        )
         self.paused["ckpt_s"] += time.perf_counter() - t0
         return tag
 
@@ -333,12 +339,12 @@ class Trainer:
             self.stop.uninstall()  # a process stuck in teardown can be terminated again
 
     def _fit(self) -> Path:
-        t, d = self.r.train, self.d
+        t, d = self.recipe.train, self.derived
         stop = min(d.total_steps, t.max_steps) if t.max_steps else d.total_steps
         stream = _stream(self.loader)
         if self.dist.rank == 0:
             print(
-                f"[mimscale] {self.r.method}: {stop - self.state.step} steps to go; lr {d.lr:.3g}, "
+                f"[mimscale] {self.recipe.method}: {stop - self.state.step} steps to go; lr {d.lr:.3g}, "
                 f"accum {d.grad_accum}, world {d.world_size}, run dir {self.run_dir}",
                 flush=True,
             )
@@ -385,7 +391,7 @@ class Trainer:
         return self.run_dir
 
     def _open_keys_log(self):
-        if not self.r.train.log_keys:
+        if not self.recipe.train.log_keys:
             return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         return open(self.run_dir / f"keys_rank{self.dist.rank}.txt", "a")
@@ -396,7 +402,7 @@ class Trainer:
             print(
                 f"[mimscale] step {s.step}: non-finite loss, step skipped ({s.bad_steps} so far)", flush=True
             )
-        if s.consecutive_bad < self.r.train.nan_patience:
+        if s.consecutive_bad < self.recipe.train.nan_patience:
             return
         tag = checkpoint.read_pointer(self.ckpt_dir)
         if s.reloaded or tag is None:
@@ -422,7 +428,7 @@ class Trainer:
         lr = self.engine.get_lr()[0]
         paused, self.paused = self.paused, {k: 0.0 for k in self.paused}
         elapsed = max(elapsed - sum(paused.values()), 1e-9)  # training time only
-        ips = steps * self.r.train.global_batch / elapsed
+        ips = steps * self.recipe.train.global_batch / elapsed
         eta = (stop - self.state.step) * elapsed / max(steps, 1)
         skipped = torch.tensor([float(self.loader.shard_errors)], device=self.dist.device)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:

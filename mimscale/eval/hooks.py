@@ -132,8 +132,8 @@ class EvalHook:
     def maybe_run(self, trainer: Any) -> dict[str, float] | None:
         """Evaluate when the step is due; collective (every rank calls it after each step)."""
         step, cfg = trainer.state.step, self.cfg
-        t = trainer.r.train
-        stop = min(trainer.d.total_steps, t.max_steps) if t.max_steps else trainer.d.total_steps
+        t = trainer.recipe.train
+        stop = min(trainer.derived.total_steps, t.max_steps) if t.max_steps else trainer.derived.total_steps
         if not ((cfg.every > 0 and step % cfg.every == 0) or (cfg.at_end and step == stop)):
             return None
         return self.run(trainer)
@@ -146,7 +146,9 @@ class EvalHook:
         # Evaluation must not move the training RNG streams (exact resume): fork them.
         devices = [dist.device] if dist.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), self._eval_view(trainer) as method:
-            res = evaluate(method, trainer.r, self.cfg, dist.device, dist.rank, dist.world_size, diag_dir)
+            res = evaluate(
+                method, trainer.recipe, self.cfg, dist.device, dist.rank, dist.world_size, diag_dir
+            )
         seconds = time.perf_counter() - t0
         rec = {"step": trainer.state.step, "samples": trainer.state.samples, "eval_seconds": seconds}
         rec.update({f"eval/{k}": v for k, v in res.items()})
@@ -158,13 +160,13 @@ class EvalHook:
     def _eval_view(self, trainer: Any) -> Iterator[Method]:
         """The method in eval mode; under ZeRO-3 a plain copy holding the gathered weights."""
         module = trainer.method
-        if trainer.r.train.zero_stage == 3:
+        if trainer.recipe.train.zero_stage == 3:
             import deepspeed
 
             from mimscale.methods import build_method
 
             if self._plain is None:
-                self._plain = build_method(trainer.r).to(trainer.dist.device, trainer.dtype)
+                self._plain = build_method(trainer.recipe).to(trainer.dist.device, trainer.dtype)
             with deepspeed.zero.GatheredParameters(list(module.parameters())):
                 self._plain.load_state_dict(module.state_dict())
             module = self._plain

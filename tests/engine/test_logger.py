@@ -75,8 +75,10 @@ def test_img_per_s_and_eta_exclude_eval_and_checkpoint_time(tmp_path: Path) -> N
 
     r = recipe_from_dict({"optim": {"blr": 1e-4}, "train": {"global_batch": 64}})
     fake = SimpleNamespace(
-        r=r,
-        state=SimpleNamespace(step=4, samples=256, bad_steps=0, metrics={"loss": torch.tensor(2.0)}),
+        recipe=r,
+        state=SimpleNamespace(
+            step=4, samples=256, bad_steps=0, metrics={"loss": torch.tensor(8.0)}, good=torch.tensor(4.0)
+        ),
         engine=SimpleNamespace(get_lr=lambda: [1e-3]),
         paused={"eval_s": 6.0, "ckpt_s": 2.0},
         logger=MetricLogger(r, tmp_path, rank=0),
