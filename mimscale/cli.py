@@ -275,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     except UnsafeCheckpointError as e:  # a checkpoint that would run code on load: one line, no trace
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `mimscale recipes | head`: the reader left early, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
 
 
 if __name__ == "__main__":

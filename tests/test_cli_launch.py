@@ -147,3 +147,15 @@ def test_launch_passes_signals_to_the_whole_launcher_group(tmp_path: Path) -> No
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=60) == 75  # the launcher's own exit status comes back
     assert Path(out).read_text() == "SIGUSR1" and Path(out + ".grand").read_text() == "SIGUSR1"
+
+
+def test_output_piped_into_head_is_no_error() -> None:
+    """`mimscale recipes | head -1` ends quietly (was a BrokenPipeError traceback)."""
+    import subprocess
+    import sys
+
+    code = "import sys; from mimscale.cli import main; sys.exit(main(['recipes']))"
+    out = subprocess.run(
+        f'{sys.executable} -c "{code}" | head -1', shell=True, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
