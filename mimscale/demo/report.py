@@ -32,7 +32,7 @@ def random_init_results(recipe: Any) -> dict[str, float]:
     """kNN / linear-probe accuracy of the run's step-0 (randomly initialised) encoder."""
     from mimscale.eval.hooks import evaluate
 
-    return evaluate(initial_method(recipe), recipe, recipe.eval, torch.device("cpu"))
+    return evaluate(initial_method(recipe), recipe, recipe.eval, torch.device("cpu"), progress=True)
 
 
 def readouts(
@@ -49,7 +49,7 @@ def readouts(
 
     out = {}
     for pool in pools:
-        res = evaluate(method, recipe, replace(recipe.eval, pool=pool), torch.device("cpu"))
+        res = evaluate(method, recipe, replace(recipe.eval, pool=pool), torch.device("cpu"), progress=True)
         out[pool] = {k: res[k] for k in ("knn_top1", "linear_top1")}
     return out
 

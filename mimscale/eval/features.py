@@ -61,6 +61,7 @@ def extract_features(
     device: torch.device,
     pool: Pool = "cls",
     dtype: torch.dtype | None = None,
+    progress: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode every valid sample of this rank's share, then all-gather across ranks.
 
@@ -74,6 +75,7 @@ def extract_features(
         device: where to encode.
         pool: feature pooling, see :func:`encode`.
         dtype: input dtype (default: the encoder's parameter dtype).
+        progress: a tqdm bar with this label (give it on one rank only); "" = silent.
 
     Returns:
         ``(features float32 [N, D], labels long [N])`` on ``device``, every rank's rows in rank
@@ -82,6 +84,10 @@ def extract_features(
     if dtype is None:
         dtype = next(encoder.parameters()).dtype
     feats, labels = [], []
+    if progress:
+        from tqdm import tqdm
+
+        loader = tqdm(loader, desc=progress, unit="batch", leave=False)
     for batch in loader:
         images = normalize_uint8(batch["views"][0].to(device, non_blocking=True), dtype)
         f = encode(encoder, images, pool).float()

@@ -60,6 +60,7 @@ def evaluate(
     rank: int = 0,
     world: int = 1,
     diag_dir: Path | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Run the configured evaluations of ``method`` (in eval mode, plain module).
 
@@ -74,6 +75,7 @@ def evaluate(
         rank: this rank.
         world: world size.
         diag_dir: where diagnostics write JSON + PNG (rank 0; skipped when None).
+        progress: show progress bars on rank 0 (standalone tools; the training loop logs instead).
 
     Returns:
         ``{"knn_top1", "linear_top1", "top1", "num_train", "num_val"}`` (the enabled ones).
@@ -85,9 +87,13 @@ def evaluate(
     out: dict[str, float] = {}
     if cfg.knn or cfg.linear:
         bank_loader = _loader(recipe, cfg.train or recipe.data.train, cfg, rank, world)
-        bank = extract_features(method.encoder, bank_loader, device, cfg.pool, dtype)
+        bar = progress and rank == 0
+        bank = extract_features(
+            method.encoder, bank_loader, device, cfg.pool, dtype, "features: bank" if bar else ""
+        )
+        val_loader = _loader(recipe, val_src, cfg, rank, world)
         val = extract_features(
-            method.encoder, _loader(recipe, val_src, cfg, rank, world), device, cfg.pool, dtype
+            method.encoder, val_loader, device, cfg.pool, dtype, "features: val" if bar else ""
         )
         if rank == 0:
             out.update(_probe(bank, val, cfg))

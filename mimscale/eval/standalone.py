@@ -67,7 +67,8 @@ def run_eval(
     if cfg.top1 and not hasattr(method, "predict"):
         cfg.top1 = False
     out_dir = Path(out) if out else None
-    res = evaluate(method, recipe, cfg, device, rank, world, out_dir / "diagnostics" if out_dir else None)
+    diag = out_dir / "diagnostics" if out_dir else None
+    res = evaluate(method, recipe, cfg, device, rank, world, diag, progress=True)
     if rank == 0 and out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "eval.json").write_text(json.dumps({"ckpt": str(ckpt), **res}, indent=2) + "\n")

@@ -84,7 +84,7 @@ def test_knn_and_probe_on_digits_pixels(digits) -> None:
     assert linear_probe_accuracy(xb, yb, xv, yv, max_iter=50) > 85.0
 
 
-def test_evaluate_random_encoder_on_digits(digits) -> None:
+def test_evaluate_random_encoder_on_digits(digits, capsys) -> None:
     from mimscale.methods import build_method
 
     r = load_recipe(
@@ -96,3 +96,8 @@ def test_evaluate_random_encoder_on_digits(digits) -> None:
     res = evaluate(method, r, EvalConfig(at_end=True, linear_iters=50), torch.device("cpu"))
     assert res["num_train"] == digits["num_train"] and res["num_val"] == digits["num_val"]
     assert 10.0 < res["knn_top1"] <= 100.0 and 10.0 < res["linear_top1"] <= 100.0
+    assert "features:" not in capsys.readouterr().err  # the training loop's evaluations stay quiet
+    again = evaluate(method, r, EvalConfig(at_end=True, linear_iters=50), torch.device("cpu"), progress=True)
+    assert again == res
+    err = capsys.readouterr().err  # standalone tools (mimscale eval, the demo) show progress bars
+    assert "features: bank" in err and "features: val" in err
