@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+RELEASE_DELAY_S = 5
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
@@ -33,16 +34,22 @@ def job_info(jid: str) -> dict[str, str]:
 
 
 def wait_state(jid: str, states: set[str], timeout: float = 600, release: bool = True) -> dict[str, str]:
-    """Poll until the job is in one of ``states``; a requeued job held until its BeginTime is
-    released at once (``release``), as Slurm otherwise waits ~2 minutes before restarting it."""
+    """Poll until the job is in one of ``states``. A requeued job held until its BeginTime is
+    released early (``release``): Slurm otherwise waits ~2 minutes before restarting it. Not at
+    once: slurmd revoked the old incarnation's credential at the requeue, in whole seconds, and
+    refuses ("Job credential revoked") a start stamped in that same second, which fails the job."""
     deadline = time.time() + timeout
+    released: set[str] = set()  # the restart counts already released (each update resets the begin)
     while time.time() < deadline:
         info = job_info(jid)
         state = info.get("JobState", "")
         if state in states:
             return info
-        if release and state == "PENDING" and info.get("Reason") == "BeginTime":
-            subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
+        restarts = info.get("Restarts", "")
+        if release and state == "PENDING" and info.get("Reason") == "BeginTime" and restarts not in released:
+            subprocess.run(["scontrol", "update", f"JobId={jid}", f"StartTime=now+{RELEASE_DELAY_S}"],
+                           capture_output=True)  # fmt: skip
+            released.add(restarts)
         time.sleep(1)
     raise AssertionError(f"job {jid} not in {states} after {timeout} s: {job_info(jid)}")
 
