@@ -152,6 +152,7 @@ def _check_positive(r: Recipe) -> None:
         ("train.epochs", t.epochs),
         ("model.patch_size", r.model.patch_size),
         ("model.img_size", r.model.img_size),
+        ("train.recon_images", t.recon_images),
     ):
         if value <= 0:
             raise RecipeError(f".{key}: must be > 0, got {value}")
@@ -163,6 +164,7 @@ def _check_positive(r: Recipe) -> None:
         ("optim.warmup_epochs", o.warmup_epochs),
         ("optim.min_lr", o.min_lr),
         ("train.keep_last", t.keep_last),
+        ("train.recon_every", t.recon_every),
         ("data.num_workers", r.data.num_workers),
     ):
         if value < 0:

@@ -127,6 +127,11 @@ class TrainConfig:
     nan_patience: int = 5  # consecutive non-finite steps before reloading the last checkpoint
     max_steps: int | None = None  # stop early (tests, benchmarks); the schedule still spans epochs
     log_keys: bool = False  # write every consumed sample key to run_dir/keys_rank{r}.txt (resume audits)
+    # Reconstruction pictures (input, mask, prediction, prediction + visible) of the first
+    # recon_images samples of a step, every recon_every optimizer steps and at the end (0: off), for
+    # methods that predict pixels: run_dir/images/recon_step*.png, and to wandb when it is on.
+    recon_every: int = 5000
+    recon_images: int = 8
 
 
 @dataclass

@@ -133,4 +133,11 @@ def report(
     if teacher:
         print(f"  teacher: {teacher}")
     print(f"[mimscale demo] curves: {png}")
+    pictures = sorted((run_dir / "images").glob("recon_step*.png"))
+    if pictures:
+        print(f"[mimscale demo] reconstructions: {pictures[-1]} (and {len(pictures) - 1} earlier)")
+    from mimscale.engine.logger import publish_pngs
+
+    if publish_pngs(run_dir, {"demo/curves": png}, f"{recipe.method} demo"):  # when the run logs to wandb
+        print("[mimscale demo] curves sent to the run's wandb run")
     return res

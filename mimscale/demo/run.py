@@ -156,6 +156,8 @@ def prepare(
     recipe = load_recipe(_resolve(rel), [*base, f"run.name={name}", *(overrides or [])])
     if recipe.eval.every == 0:
         recipe.eval.every = eval_every(recipe, paths["num_train"])
+    if not any(o.startswith("train.recon_every=") for o in overrides or []):
+        recipe.train.recon_every = recipe.eval.every  # a reconstruction picture at every evaluation
     return recipe, {"teacher": label, "num_train": paths["num_train"]}
 
 

@@ -1,4 +1,4 @@
-"""Console + JSONL + (optional) wandb metrics. Only rank 0 writes."""
+"""Console + JSONL + (optional) wandb metrics and pictures. Only rank 0 writes."""
 
 from __future__ import annotations
 
@@ -49,6 +49,13 @@ class MetricLogger:
                 step=record["step"],
             )
 
+    def log_image(self, key: str, png: Path, step: int, caption: str = "") -> None:
+        """Send a picture (already written under the run directory) to wandb at ``step``."""
+        if self.enabled and self.wandb is not None:
+            import wandb
+
+            self.wandb.log({key: wandb.Image(str(png), caption=caption)}, step=step)
+
     def rewind(self, step: int) -> None:
         """Drop records after ``step`` (written by a run killed after its last checkpoint).
 
@@ -72,6 +79,31 @@ class MetricLogger:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def publish_pngs(run_dir: Path, pngs: dict[str, Path], caption: str = "") -> bool:
+    """Add pictures made after training (demo curves, diagnostics) to the run's wandb run.
+
+    The run's saved recipe decides: nothing happens unless its ``wandb`` section is on; then the
+    same wandb run is resumed (its id is in ``run_dir/wandb_id``) and each PNG is logged under its
+    key, at wandb's current step. Returns whether anything was sent.
+    """
+    import yaml
+
+    saved = run_dir / "recipe.yaml"
+    recipe = yaml.safe_load(saved.read_text()) if saved.is_file() else None
+    w = (recipe or {}).get("wandb") or {}
+    if not w.get("enabled") or w.get("mode") == "disabled" or not pngs:
+        return False
+    import wandb
+
+    run = wandb.init(
+        project=w.get("project", "mimscale"), entity=w.get("entity"), mode=w.get("mode", "online"),
+        dir=str(run_dir), id=wandb_run_id(run_dir), resume="allow",
+    )  # fmt: skip
+    run.log({key: wandb.Image(str(png), caption=caption) for key, png in pngs.items()})
+    run.finish()
+    return True
 
 
 def wandb_run_id(run_dir: Path) -> str:

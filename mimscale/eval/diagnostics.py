@@ -300,4 +300,16 @@ def main(argv: list[str] | None = None) -> int:
                               args.out, logit_scale=scale, label=run_label(args.ckpt),
                               progress=True)  # fmt: skip
     print(json.dumps({"out": args.out, **summary}))
+    _publish(args.ckpt, Path(args.out), what)
     return 0
+
+
+def _publish(ckpt: str | Path, out: Path, what: list[str]) -> None:
+    """The plots, to the run's wandb run when its recipe logs to wandb."""
+    from mimscale.engine.logger import publish_pngs
+    from mimscale.eval.ckpt import resolve_checkpoint
+
+    ckpt_dir, _ = resolve_checkpoint(ckpt)
+    pngs = {f"diagnostics/{n}": out / f"{n}.png" for n in what if (out / f"{n}.png").is_file()}
+    if publish_pngs(ckpt_dir.parent, pngs, run_label(ckpt)):
+        print(f"[mimscale] diagnostics: {len(pngs)} plot(s) sent to the run's wandb run")

@@ -34,6 +34,20 @@ class MethodOutput(NamedTuple):
     aux: Mapping[str, Any] = MappingProxyType({})  # immutable empty default, never shared state
 
 
+class Reconstruction(NamedTuple):
+    """What a pixel-reconstruction method predicts for a few images (for pictures, no gradient).
+
+    ``images``: the ImageNet-normalised input ``[B, 3, H, W]``; ``mask``: bool ``[B, N]``, True =
+    masked (the mask the prediction was made under); ``pred``: the predicted image ``[B, 3, H, W]``
+    in the same normalised space (per-patch normalised targets mapped back with each patch's
+    own mean and std, as MAE's visualisation does).
+    """
+
+    images: torch.Tensor
+    mask: torch.Tensor
+    pred: torch.Tensor
+
+
 class Method(nn.Module):
     """Base class of every pre-training method.
 
@@ -59,6 +73,7 @@ class Method(nn.Module):
     needs_equal_mask_count: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = False  # the engine builds mimscale.teachers.build_provider(recipe)
     can_predict: ClassVar[bool] = False  # has a classifier: :meth:`predict` (eval.top1)
+    reconstructs_pixels: ClassVar[bool] = False  # :meth:`reconstruct` (reconstruction pictures)
     encoder: ViTEncoder
     # Set by a plug-in (MTO) to receive the mask-token stack's hidden states in ``aux``.
     return_stack_hidden: bool = False
@@ -103,6 +118,17 @@ class Method(nn.Module):
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits ``[B, C]`` for normalised images ``[B, 3, H, W]`` (methods with ``can_predict``)."""
         raise NotImplementedError(f"{type(self).__name__} has no classifier")
+
+    def reconstruct(self, batch: dict[str, Any], mask: torch.Tensor, targets: Any = None) -> Reconstruction:
+        """The method's pixel prediction for ``batch`` under ``mask`` (methods with
+        ``reconstructs_pixels``), by the same code path as :meth:`forward`; the caller runs it
+        under ``torch.no_grad()`` and on every rank (ZeRO-3 gathers parameters collectively).
+
+        Args:
+            batch, mask, targets: as :meth:`forward` (``mask`` may hold R masks per sample; the
+                first of each sample's masks is used).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not reconstruct pixels")
 
     def flops_per_image(self) -> float | None:
         """Forward FLOPs per image (for MFU); ``None`` when the method does not count them."""

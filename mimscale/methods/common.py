@@ -32,6 +32,29 @@ def unpatchify(patches: torch.Tensor, p: int, grid: tuple[int, int], channels: i
     return x.reshape(b, channels, h * p, w * p)
 
 
+def patch_stats(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch mean and std of ``[B, N, P]`` patches, as the norm-pix target uses them
+    (unbiased variance + 1e-6, docs/methods.md §1.3)."""
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True)  # unbiased, as torch.var's default in MAE
+    return mean, (var + 1.0e-6) ** 0.5
+
+
+def predicted_image(
+    pred: torch.Tensor, images: torch.Tensor, p: int, grid: tuple[int, int], norm_pix: bool
+) -> torch.Tensor:
+    """Predicted patches ``[B, N, p*p*3]`` as an image ``[B, 3, H, W]`` in the input's space.
+
+    With ``norm_pix`` the prediction is in per-patch normalised units; each patch is mapped back
+    with the mean and std of the same patch of ``images`` (the only scale it could have).
+    """
+    pred = pred.float()
+    if norm_pix:
+        mean, std = patch_stats(patchify(images.float(), p))
+        pred = pred * std + mean
+    return unpatchify(pred, p, grid)
+
+
 def pixel_mse_loss(
     pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True
 ) -> torch.Tensor:
@@ -48,9 +71,8 @@ def pixel_mse_loss(
     """
     pred, target = pred.float(), target.float()
     if norm_pix:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)  # unbiased, as torch.var's default in MAE
-        target = (target - mean) / (var + 1.0e-6) ** 0.5
+        mean, std = patch_stats(target)
+        target = (target - mean) / std
     per_patch = ((pred - target) ** 2).mean(dim=-1)  # [B, N]
     w = mask.float()
     return (per_patch * w).sum() / w.sum()

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimscale.config import RecipeError
-from mimscale.methods.base import Method, MethodOutput
-from mimscale.methods.common import patchify, pixel_mse_loss
+from mimscale.methods.base import Method, MethodOutput, Reconstruction
+from mimscale.methods.common import patchify, pixel_mse_loss, predicted_image
 from mimscale.models.decoders import MAEDecoder
 from mimscale.models.ema import MomentumCopy, average_buffers, cosine_momentum
 from mimscale.models.flops import block_flops
@@ -107,6 +107,7 @@ class LCMAE(Method):
     num_views: ClassVar[int] = 2
     feeds_mask_tokens: ClassVar[bool] = True  # the MAE decoder carries the mask tokens
     needs_equal_mask_count: ClassVar[bool] = True
+    reconstructs_pixels: ClassVar[bool] = True
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
@@ -260,6 +261,13 @@ class LCMAE(Method):
         if self.return_stack_hidden:
             aux = {"stack_hidden": [h[:, 1:] for h in dec.hidden], "stack_mask": mask}
         return self.finish(MethodOutput(loss, metrics, aux))
+
+    def reconstruct(self, batch: dict[str, Any], mask: torch.Tensor, targets: Any = None) -> Reconstruction:
+        """The decoder's pixels for view 1 under its mask (the momentum branch plays no part)."""
+        x1 = batch["images"][0]
+        pred = self.decoder(self.encoder(x1, mask, mode="visible").x, mask).pred
+        p = self.encoder.patch_size
+        return Reconstruction(x1, mask, predicted_image(pred, x1, p, self.encoder.grid, self.cfg.norm_pix))
 
 
 def _maybe_sync_bn(method: LCMAE, wanted: bool) -> bool:

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from mimscale.config import RecipeError
-from mimscale.methods.base import Method, MethodOutput
-from mimscale.methods.common import patchify, pixel_mse_loss
+from mimscale.methods.base import Method, MethodOutput, Reconstruction
+from mimscale.methods.common import patchify, pixel_mse_loss, predicted_image
 from mimscale.models.decoders import MAEDecoder
 from mimscale.models.flops import block_flops
 from mimscale.models.vit import ViTEncoder
@@ -42,6 +42,7 @@ class MAE(Method):
 
     feeds_mask_tokens: ClassVar[bool] = True  # the decoder carries the mask tokens (MTO host)
     needs_equal_mask_count: ClassVar[bool] = True  # visible tokens are gathered to [B, |V|, D]
+    reconstructs_pixels: ClassVar[bool] = True
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
@@ -94,11 +95,24 @@ class MAE(Method):
             states when ``return_stack_hidden`` is set.
         """
         images = batch["images"][0]
-        latent = self.encoder(images, mask, mode="visible").x  # [B, 1 + |V|, D]
-        dec = self.decoder(latent, mask, return_hidden=self.return_stack_hidden)
+        dec = self._decode(images, mask)
         target = patchify(images, self.encoder.patch_size)  # [B, N, p*p*3]
         loss = pixel_mse_loss(dec.pred, target, mask, self.cfg.norm_pix)
         aux: dict[str, Any] = {}
         if self.return_stack_hidden:
             aux = {"stack_hidden": [h[:, 1:] for h in dec.hidden], "stack_mask": mask}
         return self.finish(MethodOutput(loss, {"loss_pix": loss.detach()}, aux))
+
+    def _decode(self, images: torch.Tensor, mask: torch.Tensor) -> Any:
+        """Encoder on the visible patches, then the decoder over all of them."""
+        latent = self.encoder(images, mask, mode="visible").x  # [B, 1 + |V|, D]
+        return self.decoder(latent, mask, return_hidden=self.return_stack_hidden)
+
+    def reconstruct(self, batch: dict[str, Any], mask: torch.Tensor, targets: Any = None) -> Reconstruction:
+        """The decoder's pixels for ``batch`` under ``mask`` (norm-pix mapped back per patch)."""
+        images = batch["images"][0]
+        pred = self._decode(images, mask).pred
+        p = self.encoder.patch_size
+        return Reconstruction(
+            images, mask, predicted_image(pred, images, p, self.encoder.grid, self.cfg.norm_pix)
+        )

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimscale.config import RecipeError
-from mimscale.methods.base import Method, MethodOutput
-from mimscale.methods.common import gather_rows, patchify, pixel_mse_loss
+from mimscale.methods.base import Method, MethodOutput, Reconstruction
+from mimscale.methods.common import gather_rows, patchify, pixel_mse_loss, predicted_image
 from mimscale.models.decoders import MAEDecoder
 from mimscale.models.vit import SIZES, ViTEncoder, mae_init_, visible_ids
 
@@ -122,6 +122,7 @@ class MRMAE(Method):
     feeds_mask_tokens: ClassVar[bool] = True  # MAE's decoder carries the mask tokens (MTO host)
     needs_equal_mask_count: ClassVar[bool] = True
     needs_teacher: ClassVar[bool] = True
+    reconstructs_pixels: ClassVar[bool] = True
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
@@ -162,6 +163,38 @@ class MRMAE(Method):
                 f".mr_mae.fusion_layers: {cfg.fusion_layers} must be non-empty, within 1..{depth}"
             )
 
+    def _inputs(self, batch: dict[str, Any], mask: torch.Tensor, targets: Any) -> tuple[Any, ...]:
+        """``(images, teacher tokens, teacher attention, mask, |V|)`` of one step: views repeated
+        for the R masks of each, and the focused mask drawn from the teacher's attention."""
+        if targets is None:
+            raise ValueError("MR-MAE needs teacher targets (mimscale.teachers.build_provider)")
+        images, teacher, attn = batch["images"][0], targets.tokens[:, 1:], targets.cls_attn
+        r = mask.shape[0] // images.shape[0]
+        if r > 1:  # one teacher forward serves R differently-masked copies of each view
+            images, teacher = images.repeat_interleave(r, 0), teacher.repeat_interleave(r, 0)
+            attn = attn.repeat_interleave(r, 0) if attn is not None else None
+        n_vis = mask.shape[1] - int(mask[0].sum())
+        if self.cfg.focused in ("sample", "topk"):
+            mask = focused_mask(attn, n_vis, self.cfg.focused)
+        return images, teacher, attn, mask, n_vis
+
+    def _latent(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The encoder's visible tokens; with fusion (§4.5) the raw outputs of the fusion blocks
+        summed, then the encoder's final LN once."""
+        enc = self.encoder(images, mask, mode="visible", return_layers=self.fusion_layers)
+        return self.encoder.final_norm(torch.stack(enc.hidden).sum(0)) if self.fusion_layers else enc.x
+
+    def reconstruct(self, batch: dict[str, Any], mask: torch.Tensor, targets: Any = None) -> Reconstruction:
+        """The decoder's pixels under the step's mask (focused: drawn from the teacher's attention),
+        with the first of each view's R masks."""
+        r = mask.shape[0] // batch["images"][0].shape[0]
+        images, _, _, mask, _ = self._inputs(batch, mask[::r], targets)
+        pred = self.decoder(self._latent(images, mask), mask).pred
+        p = self.encoder.patch_size
+        return Reconstruction(
+            images, mask, predicted_image(pred, images, p, self.encoder.grid, self.cfg.norm_pix)
+        )
+
     def forward(self, batch: dict[str, Any], mask: torch.Tensor, targets: Any = None) -> MethodOutput:
         """One MR-MAE step.
 
@@ -176,19 +209,8 @@ class MRMAE(Method):
         Returns:
             ``MethodOutput(loss, {"loss_pix", "loss_mimic", "teacher_norm"}, aux)``.
         """
-        if targets is None:
-            raise ValueError("MR-MAE needs teacher targets (mimscale.teachers.build_provider)")
-        images, teacher, attn = batch["images"][0], targets.tokens[:, 1:], targets.cls_attn
-        r = mask.shape[0] // images.shape[0]
-        if r > 1:  # one teacher forward serves R differently-masked copies of each view
-            images, teacher = images.repeat_interleave(r, 0), teacher.repeat_interleave(r, 0)
-            attn = attn.repeat_interleave(r, 0) if attn is not None else None
-        n_vis = mask.shape[1] - int(mask[0].sum())
-        if self.cfg.focused in ("sample", "topk"):
-            mask = focused_mask(attn, n_vis, self.cfg.focused)
-        enc = self.encoder(images, mask, mode="visible", return_layers=self.fusion_layers)
-        # §4.5: sum the raw block outputs, then the encoder's final LN once.
-        latent = self.encoder.final_norm(torch.stack(enc.hidden).sum(0)) if self.fusion_layers else enc.x
+        images, teacher, attn, mask, n_vis = self._inputs(batch, mask, targets)
+        latent = self._latent(images, mask)
         dec = self.decoder(latent, mask, return_hidden=self.return_stack_hidden)
         loss_pix = pixel_mse_loss(
             dec.pred, patchify(images, self.encoder.patch_size), mask, self.cfg.norm_pix

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimscale.config import RecipeError
-from mimscale.methods.base import Method, MethodOutput
+from mimscale.methods.base import Method, MethodOutput, Reconstruction
 from mimscale.models.flops import block_flops
 from mimscale.models.vit import ViTEncoder
 
@@ -61,6 +61,7 @@ class SimMIM(Method):
 
     feeds_mask_tokens: ClassVar[bool] = True  # the encoder carries the mask tokens (MTO host)
     needs_equal_mask_count: ClassVar[bool] = False  # all tokens stay; counts may differ
+    reconstructs_pixels: ClassVar[bool] = True
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
@@ -93,14 +94,23 @@ class SimMIM(Method):
             states when ``return_stack_hidden`` is set.
         """
         images = batch["images"][0]
-        layers = range(self.encoder.depth + 1) if self.return_stack_hidden else ()
-        enc = self.encoder(images, mask, mode="mask_token", return_layers=layers)
-        z = enc.x[:, 1:]  # [B, N, D], cls dropped
-        h, w = self.encoder.grid
-        z = z.transpose(1, 2).reshape(z.shape[0], -1, h, w)  # [B, D, h, w]
-        pred = self.decoder(z)  # [B, 3, H, W]
+        pred, enc = self._predict(images, mask)
         loss = masked_l1_loss(pred, images, mask, self.encoder.patch_size)
         aux: dict[str, Any] = {}
         if self.return_stack_hidden:
             aux = {"stack_hidden": [s[:, 1:] for s in enc.hidden], "stack_mask": mask}
         return self.finish(MethodOutput(loss, {"loss_pix": loss.detach()}, aux))
+
+    def _predict(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """The pixels ``[B, 3, H, W]`` (and the encoder's output) for ``images`` under ``mask``."""
+        layers = range(self.encoder.depth + 1) if self.return_stack_hidden else ()
+        enc = self.encoder(images, mask, mode="mask_token", return_layers=layers)
+        z = enc.x[:, 1:]  # [B, N, D], cls dropped
+        h, w = self.encoder.grid
+        z = z.transpose(1, 2).reshape(z.shape[0], -1, h, w)  # [B, D, h, w]
+        return self.decoder(z), enc
+
+    def reconstruct(self, batch: dict[str, Any], mask: torch.Tensor, targets: Any = None) -> Reconstruction:
+        """The 1x1-conv head's pixels for ``batch`` under ``mask`` (SimMIM predicts raw pixels)."""
+        images = batch["images"][0]
+        return Reconstruction(images, mask, self._predict(images, mask)[0].float())

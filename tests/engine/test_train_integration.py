@@ -26,6 +26,7 @@ def overrides(digits: dict, out: Path, name: str, **kw) -> list[str]:
         "train.global_batch": 64,
         "train.micro_batch": 32,
         "data.num_workers": 1,
+        "train.recon_every": 4,
     }
     base.update(kw)
     return [f"{k}={v}" for k, v in base.items()]
@@ -73,6 +74,9 @@ def test_deepspeed_two_ranks_loss_falls_and_resume_is_exact(digits, tmp_path, st
     worst = max((wf[k] - wp[k]).abs().max().item() for k in wf)
     assert worst == 0.0, f"resume diverged by {worst}"
     assert lf[n:] == losses(tmp_path / "part")[n:]
+    # pictures every 4 steps under ZeRO-2/3 on two ranks (collective), exact resume untouched
+    pictures = sorted(p.name for p in (tmp_path / "full" / "images").glob("*.png"))
+    assert pictures == [f"recon_step{s:08d}.png" for s in (4, 8, 12)]
 
 
 @pytest.mark.slow

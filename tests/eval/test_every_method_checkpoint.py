@@ -31,9 +31,18 @@ def runs(digits, tmp_path_factory) -> dict[str, Path]:
         r = load_recipe(REPO / "recipes" / rel, [
             f"data.train={digits['train']}", f"data.val={digits['val']}", f"run.out_dir={out}",
             f"run.name={name}", "train.max_steps=2", "train.global_batch=32", "train.micro_batch=16",
-            "data.num_workers=0", "train.ckpt_every=2"])  # fmt: skip
+            "data.num_workers=0", "train.ckpt_every=2", "train.recon_every=1000"])  # fmt: skip
         done[name] = train(r)
     return done
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_pixel_methods_leave_a_reconstruction_picture_at_the_end(runs, name) -> None:
+    """Through the real loop (teacher, plug-in, two views and all): one picture at the last step
+    for the methods that predict pixels, none for the others."""
+    method = load_recipe(REPO / "recipes" / RECIPES[name]).method
+    pictures = sorted(p.name for p in (runs[name] / "images").glob("*.png"))
+    assert pictures == (["recon_step00000002.png"] if METHODS[method].reconstructs_pixels else [])
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

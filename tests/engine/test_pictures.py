@@ -1,0 +1,131 @@
+"""Reconstruction pictures and plots to wandb: the grid by hand, the training loop's pictures
+(PNG files and a real offline wandb run), a picture step trains exactly as any other, and the
+diagnostics and demo plots reach the run's wandb run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mimscale.data.normalize import IMAGENET_MEAN, IMAGENET_STD
+from mimscale.engine.pictures import GREY, first_rows, reconstruction_grid
+from mimscale.methods.base import Reconstruction
+from mimscale.registry import load_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def normalised(unit: torch.Tensor) -> torch.Tensor:
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (unit - mean) / std
+
+
+def test_grid_by_hand() -> None:
+    """Two 4x4 images of patch 2 (2x2 patches): input 0.2, prediction 0.8, the top-left and
+    bottom-right patches masked. Rows: input, masked input (grey), prediction, pasted."""
+    x, pred = torch.full((2, 3, 4, 4), 0.2), torch.full((2, 3, 4, 4), 0.8)
+    mask = torch.tensor([[True, False, False, True]] * 2)
+    grid = reconstruction_grid(Reconstruction(normalised(x), mask, normalised(pred)), patch_size=2, pad=1)
+    assert grid.shape == (4 * 5 + 1, 2 * 5 + 1, 3) and grid.dtype == np.uint8
+    lv = {"in": round(0.2 * 255), "pred": round(0.8 * 255), "grey": round(GREY * 255)}
+
+    def cell(row: int, col: int) -> np.ndarray:  # one image of the grid, [4, 4] (channel 0)
+        top, left = 1 + row * 5, 1 + col * 5
+        return grid[top : top + 4, left : left + 4, 0].astype(int)
+
+    masked = np.kron(np.array([[1, 0], [0, 1]]), np.ones((2, 2), int)).astype(bool)
+    for col in (0, 1):
+        assert np.all(np.abs(cell(0, col) - lv["in"]) <= 1)
+        assert np.all(np.abs(cell(1, col)[masked] - lv["grey"]) <= 1)
+        assert np.all(np.abs(cell(1, col)[~masked] - lv["in"]) <= 1)
+        assert np.all(np.abs(cell(2, col) - lv["pred"]) <= 1)
+        assert np.all(np.abs(cell(3, col)[masked] - lv["pred"]) <= 1)
+        assert np.all(np.abs(cell(3, col)[~masked] - lv["in"]) <= 1)
+    assert np.all(grid[0] == 255)  # padding is white
+
+
+def test_first_rows_skips_padding_and_keeps_masks_per_sample() -> None:
+    b, r = 4, 2  # two masks per sample (mask.repeats)
+    batch = {
+        "views": [torch.arange(b).view(b, 1, 1, 1).expand(b, 3, 2, 2).to(torch.uint8)],
+        "keys": ["a", "b", "c", "d"],
+        "labels": torch.arange(b),
+        "valid": torch.tensor([False, True, True, True]),
+        "mask": torch.arange(b * r).view(b * r, 1).expand(b * r, 4) % 2 == 0,
+    }
+    out = first_rows(batch, 2)
+    assert out["keys"] == ["b", "c"] and out["labels"].tolist() == [1, 2]
+    assert out["views"][0][:, 0, 0, 0].tolist() == [1, 2]
+    assert out["mask"].shape == (4, 4)  # both masks of each kept sample
+
+
+def _train(digits: dict, out: Path, name: str, *extra: str) -> Path:
+    from mimscale.engine.loop import train
+
+    r = load_recipe(REPO / "recipes/mae/cpu_tiny.yaml", [
+        f"data.train={digits['train']}", f"data.val={digits['val']}", f"run.out_dir={out}",
+        f"run.name={name}", "train.max_steps=3", "train.global_batch=32", "train.micro_batch=16",
+        "data.num_workers=0", "train.log_every=1", "run.deterministic=true", *extra])  # fmt: skip
+    return train(r)
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+
+def _media(run: Path, pattern: str) -> list[Path]:
+    return sorted((run / "wandb").glob(f"offline-run-*/files/media/images/**/{pattern}"))
+
+
+def test_training_pictures_reach_files_and_wandb_and_change_nothing(digits, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with_pictures = _train(
+        digits, tmp_path, "pics", "train.recon_every=2", "train.recon_images=5", "wandb.enabled=true",
+        "wandb.mode=offline", "eval.at_end=true", "eval.knn=false", "eval.linear=false",
+        "eval.diagnostics=[spectrum]", "eval.diag_images=16",
+    )  # fmt: skip
+    pngs = sorted(p.name for p in (with_pictures / "images").glob("*.png"))
+    assert pngs == ["recon_step00000002.png", "recon_step00000003.png"]  # every 2 steps and the end
+    img = np.asarray(Image.open(with_pictures / "images" / pngs[0]))
+    assert img.shape == (4 * 34 + 2, 5 * 34 + 2, 3)  # 4 rows x 5 samples of 32 px, 2 px padding
+    assert len(_media(with_pictures, "recon_*.png")) == 2
+    assert len(_media(with_pictures, "spectrum_*.png")) == 1  # the eval hook's diagnostics plot
+    # A picture step trains exactly as any other step (no RNG draw, no mode change left behind).
+    plain = _train(digits, tmp_path, "plain", "train.recon_every=0")
+    assert not (plain / "images").exists()
+    assert _losses(with_pictures) == _losses(plain)
+
+
+def test_diagnose_and_demo_plots_go_to_the_runs_wandb_run(digits, tmp_path, monkeypatch) -> None:
+    from mimscale.demo.report import _plot
+    from mimscale.engine.logger import publish_pngs
+    from mimscale.eval.diagnostics import main as diagnose
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = _train(digits, tmp_path, "wb", "train.recon_every=0", "wandb.enabled=true", "wandb.mode=offline")
+    out = tmp_path / "diag"
+    assert diagnose(["spectrum", str(run), "--out", str(out), "--num-images", "16"]) == 0
+    assert len(_media(run, "spectrum_*.png")) == 1
+    curves = run / "demo_curves.png"
+    _plot([{"step": 1, "eval/knn_top1": 10.0, "eval/linear_top1": 12.0}],
+          {"knn_top1": 9.0, "linear_top1": 11.0}, curves, "t")  # fmt: skip
+    assert publish_pngs(run, {"demo/curves": curves})
+    assert len(_media(run, "curves_*.png")) == 1
+    runs = {p.name.split("-")[-1] for p in (run / "wandb").glob("offline-run-*")}
+    assert runs == {(run / "wandb_id").read_text().strip()}  # one wandb run: training's, resumed
+    # a run that does not log to wandb sends nothing
+    quiet = _train(digits, tmp_path, "quiet", "train.recon_every=0")
+    assert not publish_pngs(quiet, {"demo/curves": curves}) and not (quiet / "wandb").exists()
+
+
+@pytest.mark.parametrize("bad", ["train.recon_every=-1", "train.recon_images=0"])
+def test_bad_picture_keys_are_named(bad: str) -> None:
+    from mimscale.config import RecipeError
+
+    with pytest.raises(RecipeError, match=bad.split("=")[0].replace(".", r"\.")):
+        load_recipe(REPO / "recipes/mae/cpu_tiny.yaml", [bad])
