@@ -15,6 +15,7 @@ from typing import Any
 
 from mimscale import teachers
 from mimscale.config import Recipe, RecipeError, loader
+from mimscale.data import check as data_check
 from mimscale.eval import section as eval_section
 from mimscale.methods import METHODS, Method
 from mimscale.methods import mto as mto_plugin
@@ -32,6 +33,7 @@ PLUGIN_CHECKS: tuple[Callable[[Recipe, type[Method]], None], ...] = (
     mto_plugin.check_recipe,
     eval_section.check_recipe,
     targets_check.check_recipe,
+    data_check.check_recipe,
 )
 
 

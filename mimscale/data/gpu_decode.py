@@ -14,13 +14,19 @@ pixel, against 16-95 mean for a wrongly flipped view). Draft (DCT-reduced) decod
 CPU-path speed-up with no counterpart here, so records are compared with the CPU path's
 ``draft=False``. Supported: the geometric views of MAE-style recipes (``rrc``, ``center``,
 ``resize`` crops, flips); colour augmentations and LC-MAE's ``simple`` crop stay on the CPU.
+
+Wiring (``data.decode: gpu``): the loader's workers ship ``jpegs`` (the encoded bytes) and the
+records in ``crops`` instead of ``views``; the engine's ``prepare_batch`` calls
+:func:`decode_batch` on the training device, so the method sees the same ``views`` / ``images``.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,22 +34,31 @@ import torch
 if TYPE_CHECKING:
     from mimscale.config import ViewConfig
 
-__all__ = ["PIXEL_MAX_TOLERANCE", "PIXEL_TOLERANCE", "check_views", "decode_views", "sample_records"]
+__all__ = [
+    "PIXEL_MAX_TOLERANCE",
+    "PIXEL_TOLERANCE",
+    "DeviceDecode",
+    "check_views",
+    "decode_batch",
+    "decode_views",
+    "sample_records",
+]
 
 PIXEL_TOLERANCE = 0.5  # mean |device - PIL| in uint8 levels over a view (decoder + resampling rounding)
 PIXEL_MAX_TOLERANCE = 12  # largest |device - PIL| of one pixel (edges of the crop box, chroma upsampling)
 
 
 def check_views(views: Sequence[ViewConfig]) -> None:
-    """Refuse the views this path cannot reproduce, naming the setting."""
+    """Refuse the views this path cannot reproduce, naming the view key (``data.views[i].…``)."""
     for i, v in enumerate(views):
         if v.crop == "simple":
-            raise ValueError(f"data.views[{i}].crop=simple: not supported by the GPU decode path")
-        jitter = v.color_jitter > 0 or v.grayscale_p > 0 or v.blur_p > 0 or v.solarize_p > 0
-        if jitter:
-            raise ValueError(
-                f"data.views[{i}]: colour augmentations are not supported by the GPU decode path"
-            )
+            raise ValueError(f"data.views[{i}].crop=simple: not supported with data.decode=gpu")
+        for key in ("color_jitter", "grayscale_p", "blur_p", "solarize_p"):
+            if getattr(v, key) > 0:
+                raise ValueError(
+                    f"data.views[{i}].{key}={getattr(v, key)}: colour augmentations are not supported "
+                    "with data.decode=gpu (use data.decode=cpu)"
+                )
 
 
 def sample_records(data: bytes, views: Sequence[ViewConfig], rng: np.random.Generator) -> np.ndarray:
@@ -64,22 +79,125 @@ def decode_views(
 
     Args:
         datas: ``B`` encoded JPEGs.
-        records: float64 ``[B, V, 7]`` crop records (:func:`sample_records`).
+        records: ``[B, V, 7]`` crop records (:func:`sample_records`).
         views: the ``V`` view configs.
         device: where to decode (``cuda`` uses nvjpeg; ``cpu`` libjpeg, for tests).
 
     Returns:
         one uint8 ``[B, 3, size_v, size_v]`` tensor per view, on ``device``.
+
+    Raises:
+        RuntimeError: an image the decoder refuses (:func:`decode_batch` is the tolerant path).
     """
+    check_views(views)
+    images = []
+    for img in _decode_jpegs(datas, device):
+        if isinstance(img, BaseException):
+            raise img
+        images.append(img)
+    return [
+        torch.stack([_crop(img, records[b, v], view) for b, img in enumerate(images)])
+        for v, view in enumerate(views)
+    ]
+
+
+@dataclass(frozen=True)
+class DeviceDecode:
+    """What the main process needs to finish a ``data.decode: gpu`` batch (the loader attaches it).
+
+    Attributes:
+        views: the view configs the records were drawn for.
+        on_bad: called with ``(sample key, error)`` for a valid sample that no decoder can read;
+            the loader counts it in ``shard_errors`` (``on_error: skip``) or raises (``fail``).
+    """
+
+    views: tuple[ViewConfig, ...]
+    on_bad: Callable[[str, BaseException], None]
+
+
+def decode_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The device half of ``data.decode: gpu``: ``jpegs`` + ``crops`` -> uint8 ``views`` on ``device``.
+
+    The whole batch goes through one batched ``decode_jpeg`` call. An image the device decoder
+    refuses although its header was read (a truncated file, a PNG named .jpg, a CMYK JPEG nvjpeg
+    rejects) is decoded on the host with PIL from the same record (:func:`replay_crop`, exact CPU
+    pixels), so nothing is lost. Only an image PIL cannot read either is a bad sample: reported
+    through ``device_decode.on_bad`` (counted in the loader's ``shard_errors`` like a worker's bad
+    sample, or a :class:`~mimscale.data.reader.ShardReadError` with ``on_error: fail``), its row
+    zero-filled and marked ``valid = False`` so the engine drops it, as the CPU path drops it.
+
+    Args:
+        batch: a worker batch of the ``gpu`` mode: ``jpegs`` (B encoded images; ``b""`` for a
+            padding row with no source), ``crops`` ``[B, V, 7]``, ``valid`` ``[B]``, ``keys``,
+            ``device_decode`` (:class:`DeviceDecode`).
+        device: the training device.
+
+    Returns:
+        A new batch with ``views`` (one uint8 ``[B, 3, size_v, size_v]`` per view on ``device``)
+        in place of ``jpegs`` / ``device_decode``, and ``valid`` updated.
+    """
+    job: DeviceDecode = batch["device_decode"]
+    datas, records = batch["jpegs"], batch["crops"].numpy()
+    valid = batch["valid"].tolist()
+    present = [i for i, d in enumerate(datas) if len(d)]
+    decoded: dict[int, torch.Tensor | BaseException] = dict(
+        zip(present, _decode_jpegs([datas[i] for i in present], device), strict=True)
+    )
+    rows: list[list[torch.Tensor]] = []
+    for b in range(len(datas)):
+        img = decoded.get(b, ValueError("no image (padding)"))
+        if isinstance(img, torch.Tensor):
+            rows.append([_crop(img, records[b, v], view) for v, view in enumerate(job.views)])
+            continue
+        try:
+            rows.append(_host_views(datas[b], records[b], job.views, device))
+        except Exception as e:  # noqa: BLE001 - unreadable by any decoder: a bad sample
+            if valid[b]:
+                job.on_bad(batch["keys"][b], e)
+                valid[b] = False
+            rows.append([torch.zeros(3, v.size, v.size, dtype=torch.uint8, device=device) for v in job.views])
+    out = {k: v for k, v in batch.items() if k not in ("jpegs", "device_decode")}
+    out["views"] = [torch.stack([r[v] for r in rows]) for v in range(len(job.views))]
+    out["valid"] = torch.tensor(valid, dtype=torch.bool)
+    return out
+
+
+def _decode_jpegs(datas: Sequence[bytes], device: torch.device) -> list[torch.Tensor | BaseException]:
+    """Upright RGB ``[3, H, W]`` uint8 of each JPEG on ``device``, or the decoder's error for it."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    check_views(views)
-    raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-    images = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
-    out = []
-    for v, view in enumerate(views):
-        out.append(torch.stack([_crop(img, records[b, v], view) for b, img in enumerate(images)]))
-    return out
+    def decode(batch: Sequence[bytes]) -> list[torch.Tensor]:
+        raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in batch]
+        return decode_jpeg(raw, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+
+    if not datas:
+        return []
+    try:
+        return list(decode(datas))
+    except RuntimeError:  # one bad image fails the batched call: decode one by one to find it
+        out: list[torch.Tensor | BaseException] = []
+        for d in datas:
+            try:
+                out.append(decode([d])[0])
+            except RuntimeError as e:
+                out.append(e)
+        return out
+
+
+def _host_views(
+    data: bytes, record: np.ndarray, views: Sequence[ViewConfig], device: torch.device
+) -> list[torch.Tensor]:
+    """The CPU path's pixels of one image (PIL, no draft), for an image the device decoder refused."""
+    from mimscale.data.transforms import replay_crop
+
+    views_px = [replay_crop(data, record[v], view, draft=False) for v, view in enumerate(views)]
+    warnings.warn(
+        "data.decode=gpu: an image the device decoder refused was decoded on the host instead "
+        "(not a baseline JPEG?); a shard of such images is faster with data.decode=cpu",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return [torch.from_numpy(px).to(device) for px in views_px]
 
 
 def _crop(img: torch.Tensor, record: np.ndarray, view: ViewConfig) -> torch.Tensor:
