@@ -29,11 +29,11 @@ def method_configs() -> dict[str, type]:
 
 # Plug-in sections validate themselves against the whole recipe and the chosen method class.
 PLUGIN_CHECKS: tuple[Callable[[Recipe, type[Method]], None], ...] = (
+    data_check.check_recipe,  # first: data.decode conflicts need no bank or teacher file
     teachers.check_recipe,
     mto_plugin.check_recipe,
     eval_section.check_recipe,
     targets_check.check_recipe,
-    data_check.check_recipe,
 )
 
 

@@ -94,10 +94,18 @@ def test_views_the_device_path_cannot_do_fail_at_recipe_check(view: dict, key: s
     make_recipe("mae", data={"decode": "cpu", "views": views})  # fine on the CPU path
 
 
-def test_cli_check_refuses_before_anything_starts() -> None:
-    args = ["data.decode=gpu", "data.views=[{size: 32, crop: simple}]"]
-    with pytest.raises(RecipeError, match=r"data\.views\[0\]\.crop=simple"):
-        load_recipe(REPO / "recipes/mae/cpu_tiny.yaml", args)
+def test_gpu_decode_with_a_precomputed_teacher_is_refused() -> None:
+    with pytest.raises(RecipeError, match=r"data\.decode: gpu cannot replay a precomputed teacher"):
+        make_recipe("cae_v2", data={"decode": "gpu"}, teacher={"source": "precomputed", "bank": "nowhere"})
+
+
+def test_train_refuses_before_any_rank_starts(capsys) -> None:
+    from mimscale.cli import main
+
+    args = ["data.decode=gpu", "data.views=[{size: 32, crop: simple}]", "train.max_steps=1"]
+    assert main(["train", str(REPO / "recipes/mae/cpu_tiny.yaml"), "--nproc", "2", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "data.views[0].crop=simple: not supported with data.decode=gpu" in err
 
 
 # --- broken images -------------------------------------------------------------------------------

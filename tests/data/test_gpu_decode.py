@@ -58,5 +58,5 @@ def test_same_records_and_pixels_within_tolerance(interp: str) -> None:
 def test_unsupported_views_are_refused_by_name() -> None:
     with pytest.raises(ValueError, match=r"data.views\[1\].crop=simple"):
         check_views([ViewConfig(), ViewConfig(crop="simple")])
-    with pytest.raises(ValueError, match=r"data.views\[0\]: colour"):
+    with pytest.raises(ValueError, match=r"data.views\[0\].color_jitter=0.4: colour"):
         check_views([ViewConfig(color_jitter=0.4)])
