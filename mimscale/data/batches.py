@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mimscale.data.gpu_decode import sample_records
 from mimscale.data.reader import (
     MASK,
     PAD,
@@ -26,7 +27,6 @@ from mimscale.data.reader import (
     resampled_stream,
     shuffled,
 )
-from mimscale.data.gpu_decode import sample_records
 from mimscale.data.transforms import augment_sample, render_views
 from mimscale.masking import build_mask_generator
 from mimscale.targets.bank import pick_view

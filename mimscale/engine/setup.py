@@ -32,8 +32,8 @@ def keep_valid_rows(batch: dict[str, Any]) -> dict[str, Any]:
 
     Args:
         batch: a collated batch; ``valid`` bool ``[B]``; per-sample entries ``views`` (list of
-            ``[B, ...]``) or ``jpegs`` (``data.decode: gpu``), ``crops``, ``labels``, ``keys``; ``mask`` ``[B * R, N]`` (R masks per
-            sample, rows ``b*R .. b*R+R-1``).
+            ``[B, ...]``) or ``jpegs`` (``data.decode: gpu``), ``crops``, ``labels``, ``keys``;
+            ``mask`` ``[B * R, N]`` (R masks per sample, rows ``b*R .. b*R+R-1``).
 
     Returns:
         A new dict with only the valid rows (the same dict when every row is valid).

@@ -85,7 +85,10 @@ def test_bad_decode_value_names_the_key() -> None:
 
 @pytest.mark.parametrize(
     ("view", "key"),
-    [({"crop": "simple"}, r"data\.views\[1\]\.crop=simple"), ({"color_jitter": 0.4}, r"data\.views\[1\]\.color_jitter")],
+    [
+        ({"crop": "simple"}, r"data\.views\[1\]\.crop=simple"),
+        ({"color_jitter": 0.4}, r"data\.views\[1\]\.color_jitter"),
+    ],
 )
 def test_views_the_device_path_cannot_do_fail_at_recipe_check(view: dict, key: str) -> None:
     views = [{"size": 224}, {"size": 224, **view}]
