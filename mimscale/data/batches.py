@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mimscale.data.gpu_decode import sample_records
+from mimscale.data.gpu_decode import header_records
 from mimscale.data.reader import (
     MASK,
     PAD,
@@ -85,7 +85,8 @@ class EpochDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"no image entry (looked for {', '.join(IMAGE_KEYS)}); has {sorted(sample)}")
         spec = self.spec
         if spec.decode == "gpu":  # header + records only (same draws); pixels on the device
-            return sample[key], sample_records(sample[key], spec.views, rng), None
+            records, orientation = header_records(sample[key], spec.views, rng)
+            return (sample[key], orientation), records, None
         if spec.bank is None:
             return (*augment_sample(sample[key], spec.views, rng, draft=spec.draft), None)
         # Precomputed teacher: replay the bank's view k (its crop and colours) pixel-exactly, so the
@@ -105,7 +106,11 @@ class EpochDataset(torch.utils.data.IterableDataset):
             except Exception:  # noqa: BLE001 - already counted when it was first decoded
                 continue
         views = self.spec.views
-        zeros = b"" if self.spec.decode == "gpu" else [np.zeros((3, v.size, v.size), np.uint8) for v in views]
+        zeros = (
+            (b"", 1)
+            if self.spec.decode == "gpu"
+            else [np.zeros((3, v.size, v.size), np.uint8) for v in views]
+        )
         return zeros, np.zeros((len(self.spec.views), 7)), None, "", -1
 
     def _collate(
@@ -122,7 +127,7 @@ class EpochDataset(torch.utils.data.IterableDataset):
         local = index // spec.workers
         gpu = spec.decode == "gpu"
         views = [np.empty((b, 3, v.size, v.size), np.uint8) for v in spec.views] if not gpu else []
-        jpegs = [b""] * b
+        jpegs, orientation = [b""] * b, np.ones(b, np.uint8)
         crops = np.zeros((b, len(spec.views), 7), np.float32)
         labels, keys, valid = np.full(b, -1, np.int64), [""] * b, np.zeros(b, bool)
         targets = spec.bank.empty(b) if spec.bank is not None else None
@@ -139,7 +144,7 @@ class EpochDataset(torch.utils.data.IterableDataset):
                 out = self._pad(head, q, worker)
             images, crops[i], row, keys[i], labels[i] = out
             if gpu:
-                jpegs[i] = images  # the encoded bytes
+                jpegs[i], orientation[i] = images  # the encoded bytes, their EXIF orientation
             else:
                 for v, img in enumerate(images):
                     views[v][i] = img
@@ -155,7 +160,7 @@ class EpochDataset(torch.utils.data.IterableDataset):
             "batch_index": index,
         }
         if gpu:  # encoded images; the engine decodes them on its device (gpu_decode.decode_batch)
-            batch["jpegs"] = jpegs
+            batch["jpegs"], batch["orientation"] = jpegs, torch.from_numpy(orientation)
         else:
             batch["views"] = [torch.from_numpy(v) for v in views]
         if targets is not None:  # encoded teacher targets, decoded on the device by the provider

@@ -47,7 +47,7 @@ def keep_valid_rows(batch: dict[str, Any]) -> dict[str, Any]:
         out["views"] = [v[keep.to(v.device)] for v in batch["views"]]
     if "jpegs" in batch:  # data.decode: gpu, before decoding
         out["jpegs"] = [batch["jpegs"][i] for i in keep.tolist()]
-    for key in ("crops", "labels", "valid"):
+    for key in ("crops", "labels", "valid", "orientation"):
         if key in batch:
             out[key] = batch[key][keep]
     if "keys" in batch:

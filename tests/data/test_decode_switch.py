@@ -75,6 +75,20 @@ def test_one_epoch_gpu_decode_matches_cpu_decode(jpeg_digits: dict) -> None:
     assert flips == {0.0, 1.0}  # a flip applied on the wrong side would be 10x the tolerance
 
 
+def test_gpu_decode_resumes_mid_epoch_exactly(jpeg_digits: dict) -> None:
+    def fields(b: dict) -> tuple:
+        return b["keys"], b["jpegs"], b["orientation"].tolist(), b["crops"].tolist(), b["mask"].tolist()
+
+    full = [fields(b) for b in _loader(jpeg_digits["train"], "gpu", num_workers=2, samples_per_epoch=160)]
+    first = _loader(jpeg_digits["train"], "gpu", num_workers=2, samples_per_epoch=160)
+    it = iter(first)
+    head = [fields(next(it)) for _ in range(2)]
+    first.close()
+    resumed = _loader(jpeg_digits["train"], "gpu", num_workers=2, samples_per_epoch=160)
+    resumed.load_state_dict(first.state_dict())
+    assert head + [fields(b) for b in resumed] == full and len(full) == 5
+
+
 # --- the recipe key ------------------------------------------------------------------------------
 
 
@@ -125,18 +139,24 @@ def _photo(size: tuple[int, int], fmt: str, seed: int) -> bytes:
 
 
 def _shard(path: Path) -> tuple[str, dict[str, str]]:
-    """One tar of 8 samples: 6 good JPEGs, a truncated JPEG (its header reads) and a PNG named .jpg."""
-    samples = {f"s{i}": _photo((64 + 4 * i, 56), "JPEG", i) for i in range(6)}
+    """One tar of 8 samples: 6 good JPEGs (one EXIF-rotated), a truncated JPEG (its header reads)
+    and a PNG named .jpg."""
+    samples = {f"s{i}": _photo((64 + 4 * i, 56), "JPEG", i) for i in range(5)}
     full = _photo((80, 60), "JPEG", 9)
     samples["truncated"] = full[: len(full) // 2]
     samples["png_as_jpg"] = _photo((70, 50), "PNG", 3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a phone photo stored sideways: nvjpeg ignores EXIF, the batch carries it
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(_photo((72, 52), "JPEG", 4))).save(buf, format="JPEG", quality=90, exif=exif)
+    samples["rotated"] = buf.getvalue()
     with tarfile.open(path, "w") as tf:
         for key, data in samples.items():
             for ext, payload in (("jpg", data), ("cls", b"1")):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(payload)
                 tf.addfile(info, io.BytesIO(payload))
-    return str(path), {"bad": "truncated", "png": "png_as_jpg"}
+    return str(path), {"bad": "truncated", "png": "png_as_jpg", "rotated": "rotated"}
 
 
 def _one_batch(train: str, decode: str, on_error: str = "skip"):
@@ -169,6 +189,11 @@ def test_a_jpeg_the_device_cannot_decode_is_a_counted_bad_sample(tmp_path: Path)
     i = gpu["keys"].index(names["png"])
     for v in range(len(VIEWS)):
         assert torch.equal(gpu["views"][v][i], cpu["views"][v][i])
+    i = gpu["keys"].index(names["rotated"])
+    assert gpu_raw["orientation"].tolist().count(6) == 1
+    for v in range(len(VIEWS)):
+        diff = (gpu["views"][v][i].float() - cpu["views"][v][i].float()).abs()
+        assert diff.mean().item() <= PIXEL_TOLERANCE and diff.max().item() <= PIXEL_MAX_TOLERANCE
     resumed = _one_batch(train, "gpu")[0]
     resumed.load_state_dict(gpu_loader.state_dict())
     assert resumed.shard_errors == 1
