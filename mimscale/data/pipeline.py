@@ -82,7 +82,7 @@ class ShardLoader:
 
     Batch dict:
         ``views``: list (one per view) of uint8 ``[B, 3, H_v, W_v]``; with ``data.decode: gpu``
-        instead ``jpegs`` (B encoded images) and ``device_decode``
+        instead ``jpegs`` (B encoded images), ``orientation`` (uint8 ``[B]``, EXIF) and ``device_decode``
         (:class:`~mimscale.data.gpu_decode.DeviceDecode`): the engine's ``prepare_batch`` makes
         ``views`` on its device (:func:`~mimscale.data.gpu_decode.decode_batch`);
         ``crops``: float32 ``[B, V, 7]`` records ``(src_h, src_w, top, left, h, w, flip)``;
