@@ -127,7 +127,7 @@ def decode_views(
             raise img
         images.append(img)
     return [
-        torch.stack([_crop(img, records[b, v], view) for b, img in enumerate(images)])
+        _finish([_resize(img, records[b, v], view) for b, img in enumerate(images)], records[:, v, 6] > 0)
         for v, view in enumerate(views)
     ]
 
@@ -179,21 +179,23 @@ def decode_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
             strict=True,
         )
     )
-    rows: list[list[torch.Tensor]] = []
+    rows: list[list[torch.Tensor]] = []  # per sample, per view: float [3, s, s], not yet rounded
+    flips = records[:, :, 6] > 0  # still to apply; the host path's pixels come flipped already
     for b in range(len(datas)):
         img = decoded.get(b, ValueError("no image (padding)"))
         if isinstance(img, torch.Tensor):
-            rows.append([_crop(img, records[b, v], view) for v, view in enumerate(job.views)])
+            rows.append([_resize(img, records[b, v], view) for v, view in enumerate(job.views)])
             continue
+        flips[b] = False
         try:
-            rows.append(_host_views(datas[b], records[b], job.views, device))
+            rows.append([px.float() for px in _host_views(datas[b], records[b], job.views, device)])
         except Exception as e:  # noqa: BLE001 - unreadable by any decoder: a bad sample
             if valid[b]:
                 job.on_bad(batch["keys"][b], e)
                 valid[b] = False
-            rows.append([torch.zeros(3, v.size, v.size, dtype=torch.uint8, device=device) for v in job.views])
+            rows.append([torch.zeros(3, v.size, v.size, device=device) for v in job.views])
     out = {k: v for k, v in batch.items() if k not in ("jpegs", "device_decode")}
-    out["views"] = [torch.stack([r[v] for r in rows]) for v in range(len(job.views))]
+    out["views"] = [_finish([r[v] for r in rows], flips[:, v]) for v in range(len(job.views))]
     out["valid"] = torch.tensor(valid, dtype=torch.bool)
     return out
 
@@ -252,12 +254,22 @@ def _host_views(
     return [torch.from_numpy(px).to(device) for px in views_px]
 
 
-def _crop(img: torch.Tensor, record: np.ndarray, view: ViewConfig) -> torch.Tensor:
-    """One view of one decoded ``[3, H, W]`` image: crop box, antialiased resize, flip."""
-    _, _, top, left, ch, cw, flip = (float(x) for x in record)
+def _resize(img: torch.Tensor, record: np.ndarray, view: ViewConfig) -> torch.Tensor:
+    """One view of one decoded ``[3, H, W]`` image: crop box, antialiased resize; float
+    ``[3, s, s]``, rounded and flipped for the whole batch at once by :func:`_finish`."""
+    _, _, top, left, ch, cw, _ = (float(x) for x in record)
     t, lft = int(round(top)), int(round(left))
     region = img[:, t : t + int(round(ch)), lft : lft + int(round(cw))].unsqueeze(0).float()
     s = view.size
-    out = torch.nn.functional.interpolate(region, size=(s, s), mode=view.interpolation, antialias=True)
-    out = out.round_().clamp_(0, 255).to(torch.uint8)[0]
-    return out.flip(-1) if flip else out
+    return torch.nn.functional.interpolate(region, size=(s, s), mode=view.interpolation, antialias=True)[0]
+
+
+def _finish(crops: Sequence[torch.Tensor], flips: np.ndarray) -> torch.Tensor:
+    """One view's crops -> uint8 ``[B, 3, s, s]``, mirrored where ``flips``: a few kernels per
+    batch instead of per image (the launches, not the arithmetic, bound this on a GPU)."""
+    out = torch.stack(list(crops)).round_().clamp_(0, 255).to(torch.uint8)
+    idx = np.flatnonzero(flips).tolist()
+    if idx:
+        sel = torch.tensor(idx, device=out.device)
+        out[sel] = out[sel].flip(-1)
+    return out
