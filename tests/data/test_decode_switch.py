@@ -213,6 +213,7 @@ def _losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_training_with_gpu_decode_on_cpu_follows_cpu_decode(jpeg_digits: dict, tmp_path: Path) -> None:
     runs = {}
     for decode in ("cpu", "gpu"):
