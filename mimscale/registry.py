@@ -15,6 +15,7 @@ from typing import Any
 
 from mimscale import teachers
 from mimscale.config import Recipe, RecipeError, loader
+from mimscale.data import check as data_check
 from mimscale.eval import section as eval_section
 from mimscale.methods import METHODS, Method
 from mimscale.methods import mto as mto_plugin
@@ -28,6 +29,7 @@ def method_configs() -> dict[str, type]:
 
 # Plug-in sections validate themselves against the whole recipe and the chosen method class.
 PLUGIN_CHECKS: tuple[Callable[[Recipe, type[Method]], None], ...] = (
+    data_check.check_recipe,  # first: data.decode conflicts need no bank or teacher file
     teachers.check_recipe,
     mto_plugin.check_recipe,
     eval_section.check_recipe,

@@ -48,7 +48,12 @@ class DataConfig:
     num_workers: int = 4
     shuffle_buffer: int = 1000
     on_error: Literal["skip", "fail"] = "skip"
-    draft: bool = True  # PIL JPEG draft mode when the crop is downscaled anyway
+    draft: bool = True  # PIL JPEG draft mode when the crop is downscaled anyway (cpu decode only)
+    # Where JPEGs are decoded. cpu: in the data workers (PIL). gpu: on the training device (nvjpeg
+    # through torchvision on CUDA; libjpeg when the device is the CPU, as in the tests): workers
+    # only read headers and draw the same crop records. Geometric views only (rrc/center/resize).
+    # Training loader only; evaluation loaders decode on the CPU.
+    decode: Literal["cpu", "gpu"] = "cpu"
     views: list[ViewConfig] = field(default_factory=lambda: [ViewConfig()])
 
 

@@ -1,5 +1,8 @@
 """Making batches in a loader worker: decode, augment, pad and collate one worker's samples.
 
+With ``data.decode: gpu`` a worker decodes nothing: it reads each image's header, draws the same
+crop records, and ships the encoded bytes (``jpegs``) for the engine to decode on its device.
+
 A sample that cannot be decoded is replaced in its batch by a padding sample (``valid = False``),
 so batch boundaries never shift; see :mod:`mimscale.data.pipeline` for the epoch layout.
 """
@@ -12,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mimscale.data.gpu_decode import header_records
 from mimscale.data.reader import (
     MASK,
     PAD,
@@ -80,6 +84,9 @@ class EpochDataset(torch.utils.data.IterableDataset):
         if key is None:
             raise ValueError(f"no image entry (looked for {', '.join(IMAGE_KEYS)}); has {sorted(sample)}")
         spec = self.spec
+        if spec.decode == "gpu":  # header + records only (same draws); pixels on the device
+            records, orientation = header_records(sample[key], spec.views, rng)
+            return (sample[key], orientation), records, None
         if spec.bank is None:
             return (*augment_sample(sample[key], spec.views, rng, draft=spec.draft), None)
         # Precomputed teacher: replay the bank's view k (its crop and colours) pixel-exactly, so the
@@ -98,7 +105,12 @@ class EpochDataset(torch.utils.data.IterableDataset):
                 return (*self._decode(s, self.spec.rng(worker, PAD, q)), s["__key__"], _label(s))
             except Exception:  # noqa: BLE001 - already counted when it was first decoded
                 continue
-        zeros = [np.zeros((3, v.size, v.size), np.uint8) for v in self.spec.views]
+        views = self.spec.views
+        zeros = (
+            (b"", 1)
+            if self.spec.decode == "gpu"
+            else [np.zeros((3, v.size, v.size), np.uint8) for v in views]
+        )
         return zeros, np.zeros((len(self.spec.views), 7)), None, "", -1
 
     def _collate(
@@ -113,7 +125,9 @@ class EpochDataset(torch.utils.data.IterableDataset):
         """Decode, augment and stack one batch; draw its masks (collate runs in the worker)."""
         spec, b = self.spec, len(samples)
         local = index // spec.workers
-        views = [np.empty((b, 3, v.size, v.size), np.uint8) for v in spec.views]
+        gpu = spec.decode == "gpu"
+        views = [np.empty((b, 3, v.size, v.size), np.uint8) for v in spec.views] if not gpu else []
+        jpegs, orientation = [b""] * b, np.ones(b, np.uint8)
         crops = np.zeros((b, len(spec.views), 7), np.float32)
         labels, keys, valid = np.full(b, -1, np.int64), [""] * b, np.zeros(b, bool)
         targets = spec.bank.empty(b) if spec.bank is not None else None
@@ -129,13 +143,15 @@ class EpochDataset(torch.utils.data.IterableDataset):
             if out is None:
                 out = self._pad(head, q, worker)
             images, crops[i], row, keys[i], labels[i] = out
-            for v, img in enumerate(images):
-                views[v][i] = img
+            if gpu:
+                jpegs[i], orientation[i] = images  # the encoded bytes, their EXIF orientation
+            else:
+                for v, img in enumerate(images):
+                    views[v][i] = img
             if targets is not None and row is not None:
                 for name, value in row.items():
                     targets[name][i] = value
         batch: dict[str, Any] = {
-            "views": [torch.from_numpy(v) for v in views],
             "crops": torch.from_numpy(crops),
             "keys": keys,
             "labels": torch.from_numpy(labels),
@@ -143,6 +159,10 @@ class EpochDataset(torch.utils.data.IterableDataset):
             "n_skipped": policy.count,
             "batch_index": index,
         }
+        if gpu:  # encoded images; the engine decodes them on its device (gpu_decode.decode_batch)
+            batch["jpegs"], batch["orientation"] = jpegs, torch.from_numpy(orientation)
+        else:
+            batch["views"] = [torch.from_numpy(v) for v in views]
         if targets is not None:  # encoded teacher targets, decoded on the device by the provider
             batch["teacher"] = {name: torch.from_numpy(a) for name, a in targets.items()}
         if masker is not None:

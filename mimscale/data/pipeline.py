@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -80,7 +81,10 @@ class ShardLoader:
     """An epoch-aware, resumable iterator over batches (the engine's data interface).
 
     Batch dict:
-        ``views``: list (one per view) of uint8 ``[B, 3, H_v, W_v]``;
+        ``views``: list (one per view) of uint8 ``[B, 3, H_v, W_v]``; with ``data.decode: gpu``
+        instead ``jpegs`` (B encoded images), ``orientation`` (uint8 ``[B]``, EXIF) and ``device_decode``
+        (:class:`~mimscale.data.gpu_decode.DeviceDecode`): the engine's ``prepare_batch`` makes
+        ``views`` on its device (:func:`~mimscale.data.gpu_decode.decode_batch`);
         ``crops``: float32 ``[B, V, 7]`` records ``(src_h, src_w, top, left, h, w, flip)``;
         ``keys``: list of B sample keys; ``labels``: int64 ``[B]`` (-1 when unlabeled);
         ``valid``: bool ``[B]`` (False for padding samples: exact-mode tail, undecodable);
@@ -94,6 +98,8 @@ class ShardLoader:
         batches_per_epoch: batches per epoch on this rank (equal on all ranks).
         shard_errors: bad shards + skipped samples in the batches this rank consumed, over all
             workers and epochs (kept in the state, so exact across resumes); sum it over ranks.
+            With ``data.decode: gpu`` it also counts the samples no decoder could read on the
+            device side (:meth:`bad_on_device`), in the same state entry.
     """
 
     def __init__(self, spec: EpochSpec, num_workers: int) -> None:
@@ -106,12 +112,26 @@ class ShardLoader:
         # the totals of finished iterations.
         self._errors_before = 0
         self._errors_now: dict[int, int] = {}
+        self._device_errors = 0  # data.decode: gpu: bad samples found when the engine decoded them
         self._active: Any = None  # the current iteration (a generator: closed to stop workers)
+        self._device_job: Any = None
+        if spec.decode == "gpu":
+            from mimscale.data.gpu_decode import DeviceDecode
+
+            self._device_job = DeviceDecode(spec.views, self.bad_on_device)
 
     @property
     def shard_errors(self) -> int:
         """Bad shards + skipped samples of the consumed batches (this rank, all workers/epochs)."""
-        return self._errors_before + sum(self._errors_now.values())
+        return self._errors_before + sum(self._errors_now.values()) + self._device_errors
+
+    def bad_on_device(self, key: str, exn: BaseException) -> None:
+        """A sample of a consumed batch that no decoder could read (``data.decode: gpu``): warned
+        and counted in :attr:`shard_errors`, as a worker counts one; ``on_error: fail`` raises."""
+        if self._spec.on_error == "fail":
+            raise ShardReadError(f"sample {key!r} cannot be decoded ({exn})") from exn
+        self._device_errors += 1
+        warnings.warn(f"sample {key!r}: skipped ({exn})", RuntimeWarning, stacklevel=2)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -163,6 +183,7 @@ class ShardLoader:
                 )
         self._epoch, self._pos = int(state["epoch"]), int(state["batches"])
         self._errors_before, self._errors_now = int(state.get("shard_errors", 0)), {}
+        self._device_errors = 0  # included in the saved total
         self._pinned = True
 
     def close(self) -> None:
@@ -209,6 +230,8 @@ class ShardLoader:
                 )
             self._pos += 1
             self._errors_now[batch["batch_index"] % self._spec.workers] = int(batch["n_skipped"])
+            if self._device_job is not None:
+                batch["device_decode"] = self._device_job
             yield batch
 
 
@@ -259,6 +282,12 @@ def build_train_loader(
             too few samples for one batch, or fewer shards than readers in ``exact`` mode.
         FileNotFoundError: nothing at ``data.train`` (one line naming the key and the path).
     """
+    if data.decode == "gpu":  # recipes are checked earlier (mimscale.data.check); code callers here
+        from mimscale.data.gpu_decode import check_views
+
+        check_views(data.views)
+        if bank:
+            raise ValueError("data.decode=gpu: a precomputed teacher's views are replayed on the CPU")
     source = _resolve(data.train, "data.train")
     workers = max(1, data.num_workers)
     if data.epoch_mode == "resampled":
@@ -293,6 +322,7 @@ def build_train_loader(
         on_error=data.on_error,
         draft=data.draft,
         bank=_bank_reader(bank, source) if bank else None,
+        decode=data.decode,
     )
     return ShardLoader(spec, data.num_workers)
 

@@ -64,6 +64,8 @@ class EpochSpec:
     # teacher.source: precomputed: a mimscale.targets.bank.BankReader; each sample replays one of
     # the bank's K stored views (chosen by (seed, epoch, key)) and carries its teacher targets.
     bank: Any = None
+    # data.decode: gpu: ship the encoded bytes and crop records; the engine decodes on its device.
+    decode: Literal["cpu", "gpu"] = "cpu"
 
     def rng(self, worker: int, tag: int, index: int = 0) -> np.random.Generator:
         """The generator of one random stream; a pure function of its coordinates."""

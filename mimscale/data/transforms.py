@@ -37,6 +37,7 @@ __all__ = [
     "augment_sample",
     "draft_factor",
     "draw_replay",
+    "exif_orientation",
     "render_views",
     "replay_crop",
     "oriented_size",
@@ -138,7 +139,8 @@ def draft_factor(record: Sequence[float], view: ViewConfig) -> int:
 _ORIENTATION = 0x0112  # EXIF tag; values 5-8 are transposed or rotated by 90 degrees
 
 
-def _orientation(img: Image.Image) -> int:
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1-8; 1 = stored upright, also for a missing or malformed block)."""
     try:
         return int(img.getexif().get(_ORIENTATION, 1))
     except Exception:  # noqa: BLE001 - a malformed EXIF block: keep the stored orientation
@@ -148,7 +150,7 @@ def _orientation(img: Image.Image) -> int:
 def oriented_size(img: Image.Image) -> tuple[int, int]:
     """``(width, height)`` of the image as displayed: after its EXIF orientation (header only)."""
     w, h = img.size
-    return (h, w) if _orientation(img) in (5, 6, 7, 8) else (w, h)
+    return (h, w) if exif_orientation(img) in (5, 6, 7, 8) else (w, h)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -157,7 +159,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     ``convert("RGB")`` alone would clip a 16-bit PNG (mode ``I;16`` / ``I``) instead of
     scaling it, and would leave a phone photo sideways.
     """
-    if _orientation(img) != 1:
+    if exif_orientation(img) != 1:
         img = ImageOps.exif_transpose(img)
     if img.mode.startswith("I"):  # 16-bit samples (I;16, I;16B, or I from older Pillow)
         arr = np.asarray(img).astype(np.float64)

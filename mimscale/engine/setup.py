@@ -32,8 +32,8 @@ def keep_valid_rows(batch: dict[str, Any]) -> dict[str, Any]:
 
     Args:
         batch: a collated batch; ``valid`` bool ``[B]``; per-sample entries ``views`` (list of
-            ``[B, ...]``), ``crops``, ``labels``, ``keys``; ``mask`` ``[B * R, N]`` (R masks per
-            sample, rows ``b*R .. b*R+R-1``).
+            ``[B, ...]``) or ``jpegs`` (``data.decode: gpu``), ``crops``, ``labels``, ``keys``;
+            ``mask`` ``[B * R, N]`` (R masks per sample, rows ``b*R .. b*R+R-1``).
 
     Returns:
         A new dict with only the valid rows (the same dict when every row is valid).
@@ -43,8 +43,11 @@ def keep_valid_rows(batch: dict[str, Any]) -> dict[str, Any]:
         return batch
     keep = valid.nonzero().squeeze(1)
     out = dict(batch)
-    out["views"] = [v[keep] for v in batch["views"]]
-    for key in ("crops", "labels", "valid"):
+    if "views" in batch:
+        out["views"] = [v[keep.to(v.device)] for v in batch["views"]]
+    if "jpegs" in batch:  # data.decode: gpu, before decoding
+        out["jpegs"] = [batch["jpegs"][i] for i in keep.tolist()]
+    for key in ("crops", "labels", "valid", "orientation"):
         if key in batch:
             out[key] = batch[key][keep]
     if "keys" in batch:
@@ -60,8 +63,16 @@ def keep_valid_rows(batch: dict[str, Any]) -> dict[str, Any]:
 
 def prepare_batch(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Valid rows only (:func:`keep_valid_rows`), uint8 views -> device, ImageNet-normalised
-    ``images`` in the engine's dtype."""
+    ``images`` in the engine's dtype.
+
+    A ``data.decode: gpu`` batch (``jpegs`` instead of ``views``) is decoded here, on ``device``
+    (:func:`mimscale.data.gpu_decode.decode_batch`), after padding rows are dropped; a sample no
+    decoder reads becomes one more dropped row."""
     batch = keep_valid_rows(batch)
+    if "jpegs" in batch:
+        from mimscale.data.gpu_decode import decode_batch
+
+        batch = keep_valid_rows(decode_batch(batch, device))
     views = [v.to(device, non_blocking=True) for v in batch["views"]]
     out = dict(batch)
     out["views"] = views

@@ -25,6 +25,9 @@ def test_suite_smoke_writes_one_json(tmp_path) -> None:
     assert cases["simmim_tiny"]["method"] == "simmim"
     assert all(v > 0 for v in cases["data_cpu_decode"]["images_per_s_per_worker"]["full"].values())
     assert cases["data_device_decode"]["images_per_s"] > 0
+    for mode in ("gpu", "cpu"):  # the real loader's data wait with data.decode=gpu / cpu
+        assert 0 <= cases["data_device_decode"]["loader"][mode]["data_wait"] < 1
+        assert 0 < r["ratios"][f"data_wait_{mode}_decode"] <= 1
     for name in ("peer_official_eager", "peer_official_compiled", "peer_hf_vitmae"):
         assert "images_per_s" in cases[name] or "skipped" in cases[name], cases[name]
     assert not [k for k, v in cases.items() if "error" in v]

@@ -17,6 +17,7 @@ from mimscale.data.gpu_decode import (
     check_views,
     decode_views,
     sample_records,
+    upright,
 )
 from mimscale.data.transforms import augment_sample
 
@@ -58,5 +59,32 @@ def test_same_records_and_pixels_within_tolerance(interp: str) -> None:
 def test_unsupported_views_are_refused_by_name() -> None:
     with pytest.raises(ValueError, match=r"data.views\[1\].crop=simple"):
         check_views([ViewConfig(), ViewConfig(crop="simple")])
-    with pytest.raises(ValueError, match=r"data.views\[0\]: colour"):
+    with pytest.raises(ValueError, match=r"data.views\[0\].color_jitter=0.4: colour"):
         check_views([ViewConfig(color_jitter=0.4)])
+
+
+def _with_orientation(arr: np.ndarray, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=92, exif=exif)
+    return buf.getvalue()
+
+
+def test_exif_orientation_is_applied_as_pil_does_on_every_device_path() -> None:
+    """nvjpeg ignores EXIF, so the path applies it itself (:func:`upright`) on every device."""
+    import skimage.data as skd
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    photo = np.ascontiguousarray(skd.astronaut()[::4, ::3])  # 128 x 171: not square
+    views = [ViewConfig(size=64, scale=[0.3, 1.0]), ViewConfig(size=48, crop="resize", hflip=0.0)]
+    for o in range(1, 9):
+        data = _with_orientation(photo, o)
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        ref = decode_jpeg(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        assert torch.equal(upright(decode_jpeg(raw, mode=ImageReadMode.RGB), o), ref), o
+        imgs, rec = augment_sample(data, views, np.random.default_rng(o), draft=False)
+        out = decode_views([data], rec[None], views, torch.device("cpu"))
+        for v in range(len(views)):
+            diff = (out[v][0].float() - torch.from_numpy(imgs[v]).float()).abs()
+            assert diff.mean().item() <= PIXEL_TOLERANCE and diff.max().item() <= PIXEL_MAX_TOLERANCE, (o, v)
