@@ -369,7 +369,9 @@ class Trainer:
             for hook in self.hooks:
                 hook.maybe_run(self)
             if self._picture_due(stop):
-                self._picture(micro[-1])
+                from mimscale.engine.pictures import write_reconstruction
+
+                write_reconstruction(self, micro[-1])
             self.paused["eval_s"] += time.perf_counter() - e0
             steps_since += 1
             if self.state.step % t.log_every == 0 or self.state.step == stop:
@@ -396,24 +398,6 @@ class Trainer:
         every = self.recipe.train.recon_every
         step = self.state.step
         return bool(every) and self.method.reconstructs_pixels and (step % every == 0 or step == stop)
-
-    def _picture(self, raw: dict[str, Any]) -> None:
-        """A reconstruction picture of the first rows of ``raw`` (collective: every rank runs the
-        method, as ZeRO-3 gathers parameters; rank 0 writes ``images/`` and logs it)."""
-        from mimscale.engine.pictures import first_rows, reconstruct_rows, reconstruction_grid, save_png
-
-        batch = prepare_batch(first_rows(raw, self.recipe.train.recon_images), self.dist.device, self.dtype)
-        targets = self.targets_fn(batch) if self.targets_fn is not None else None
-        rec = reconstruct_rows(self.method, batch, targets)
-        if self.dist.rank != 0:
-            return
-        step = self.state.step
-        png = save_png(
-            reconstruction_grid(rec, self.method.encoder.patch_size),
-            self.run_dir / "images" / f"recon_step{step:08d}.png",
-        )
-        rows = "input, masked, prediction, prediction + visible"
-        self.logger.log_image("recon", png, step, f"{self.recipe.run.name} step {step}: {rows}")
 
     def _open_keys_log(self):
         if not self.recipe.train.log_keys:

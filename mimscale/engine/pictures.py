@@ -18,7 +18,7 @@ import torch
 from mimscale.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from mimscale.methods.base import Method, Reconstruction
 
-__all__ = ["first_rows", "reconstruction_grid", "reconstruct_rows", "save_png"]
+__all__ = ["first_rows", "reconstruct_rows", "reconstruction_grid", "save_png", "write_reconstruction"]
 
 GREY = 0.5  # the masked patches of the second row, on the 0-1 scale
 
@@ -85,3 +85,25 @@ def reconstruct_rows(method: Method, batch: dict[str, Any], targets: Any) -> Rec
             return method.reconstruct(batch, batch["mask"], targets)
         finally:
             method.train(was_training)
+
+
+def write_reconstruction(trainer: Any, raw: dict[str, Any]) -> Path | None:
+    """The picture of the first rows of ``raw`` (a collated micro-batch of this step) at the
+    trainer's step. Collective: every rank runs the method (ZeRO-3 gathers parameters); rank 0
+    writes ``run_dir/images/recon_step<step>.png``, logs it, and returns its path."""
+    from mimscale.engine.setup import prepare_batch
+
+    recipe, dist = trainer.recipe, trainer.dist
+    batch = prepare_batch(first_rows(raw, recipe.train.recon_images), dist.device, trainer.dtype)
+    targets = trainer.targets_fn(batch) if trainer.targets_fn is not None else None
+    rec = reconstruct_rows(trainer.method, batch, targets)
+    if dist.rank != 0:
+        return None
+    step = trainer.state.step
+    png = save_png(
+        reconstruction_grid(rec, trainer.method.encoder.patch_size),
+        trainer.run_dir / "images" / f"recon_step{step:08d}.png",
+    )
+    rows = "input, masked, prediction, prediction + visible"
+    trainer.logger.log_image("recon", png, step, f"{recipe.run.name} step {step}: {rows}")
+    return png
