@@ -36,6 +36,8 @@ __all__ = [
     "BankError",
     "BankReader",
     "bank_identity",
+    "file_identity",
+    "same_file",
     "image_shard_name",
     "pick_view",
     "read_bank_manifest",
@@ -69,6 +71,28 @@ def bank_identity(recipe: Recipe) -> dict[str, Any]:
         "data.views": [asdict(v) for v in recipe.data.views],
         "data.draft": recipe.data.draft,
     }
+
+
+def file_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What identifies a weights file: size, modification time and the sha256 of its bytes."""
+    st = os.stat(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+
+
+def same_file(recorded: dict[str, Any], path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` holds the bytes :func:`file_identity` recorded. Size and modification
+    time alike: taken as the same file (no read); otherwise the bytes are hashed, so a copy
+    (new time, same bytes) passes and an overwrite (same size, new bytes) does not."""
+    st = os.stat(path)
+    if st.st_size != recorded["size"]:
+        return False
+    if st.st_mtime_ns == recorded["mtime_ns"]:
+        return True
+    return file_identity(path)["sha256"] == recorded["sha256"]
 
 
 def record_fields(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from mimscale.config import RecipeError
-from mimscale.targets.bank import BankError, bank_identity, read_bank_manifest
+from mimscale.targets.bank import BankError, bank_identity, read_bank_manifest, same_file
 
 if TYPE_CHECKING:
     from mimscale.config import Recipe
@@ -65,4 +65,21 @@ def check_recipe(recipe: Recipe, method_cls: type) -> None:
         raise RecipeError(
             f".{key}: the bank {root} was computed with {key}={have!r}, the recipe has {want!r}; "
             f"recompute the bank or set {key} to the bank's value"
+        )
+    _check_weights_file(recipe, root, (manifest.get("teacher_built") or {}).get("weights_file"))
+
+
+def _check_weights_file(recipe: Recipe, root: Any, recorded: dict[str, Any] | None) -> None:
+    """The teacher's weights file is still the one the bank was computed from (same name is
+    not enough: a file overwritten in place would pair the images with stale targets)."""
+    from mimscale.teachers.weights import resolve_weights
+
+    if recorded is None:  # a random teacher, or a bank written before files were recorded
+        return
+    path, _ = resolve_weights(recipe.teacher)
+    if path is not None and not same_file(recorded, path):
+        raise RecipeError(
+            f".teacher.pretrained: {path} is not the file the bank {root} was computed from "
+            f"(sha256 {recorded['sha256'][:12]}..., {recorded['size']} bytes); recompute the bank "
+            f"or restore that file"
         )

@@ -33,6 +33,7 @@ import numpy as np
 from mimscale.targets.bank import (
     FORMAT,
     bank_identity,
+    file_identity,
     image_shard_name,
     key_seed,
     record_dtype,
@@ -321,6 +322,8 @@ class Precompute:
             "identity": bank_identity(self.recipe),
             "teacher_built": {
                 "weights": meta["weights"], "weights_sha256": _weights_identity(self.provider.model),
+                # the file's own identity, compared (cheaply) by every run that trains from the bank
+                "weights_file": None if meta["random_weights"] else file_identity(meta["weights"]),
                 "img_size": meta["img_size"], "grid": meta["grid"], "out_dim": meta["out_dim"],
                 "mean": self.provider._mean.flatten().div(255).tolist(),
                 "std": self.provider._std.flatten().div(255).tolist(), "torch_dtype": meta["torch_dtype"],

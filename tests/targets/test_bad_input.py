@@ -130,3 +130,28 @@ def test_other_image_shards_are_refused_before_training(small_digits, bank_facto
     full = Path(small_digits).with_name("manifest.json")  # every digits shard: more than the bank has
     with pytest.raises(RecipeError, match=r"no target shard for image shard digits-train-000004\.tar"):
         tiny_recipe("cae_v2", str(full), "teacher.source=precomputed", f"teacher.bank={bank}")
+
+
+def test_teacher_file_overwritten_after_the_bank_is_refused(small_digits, tmp_path) -> None:
+    """Same teacher.pretrained path, other bytes: the bank's targets are stale, so the run is
+    refused before it starts; a copy of the same bytes (new modification time) is accepted."""
+    import os
+
+    from bank_helpers import tiny_clip_file
+
+    from mimscale.targets.precompute import precompute
+
+    weights = tiny_clip_file(tmp_path / "teacher.pt", seed=0)
+    teacher = (f"teacher.pretrained={weights}", "teacher.allow_random=false")
+    bank = tmp_path / "bank"
+    precompute(tiny_recipe("cae_v2", small_digits, *teacher), bank, views=1, encoding="fp16", batch=32)
+    train = ("teacher.source=precomputed", f"teacher.bank={bank}", *teacher)
+    tiny_recipe("cae_v2", small_digits, *train)  # the very file: accepted
+    st = os.stat(weights)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # copied: same bytes, new time
+    tiny_recipe("cae_v2", small_digits, *train)
+    tiny_clip_file(weights, seed=1)  # overwritten in place with other weights
+    with pytest.raises(
+        RecipeError, match=r"cpu_tiny.yaml: teacher\.pretrained: .*teacher\.pt is not the file the bank"
+    ):
+        tiny_recipe("cae_v2", small_digits, *train)
