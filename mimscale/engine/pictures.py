@@ -9,6 +9,7 @@ gradient, in eval mode and under a forked RNG, so a picture step trains exactly 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ GREY = 0.5  # the masked patches of the second row, on the 0-1 scale
 
 
 def first_rows(batch: dict[str, Any], n: int) -> dict[str, Any]:
-    """The collated ``batch`` cut to its first ``n`` valid rows (masks, views and keys alike)."""
+    """The collated ``batch`` cut to its first ``n`` valid rows (masks, views or JPEGs, keys alike)."""
     from mimscale.engine.setup import keep_valid_rows
 
     size = len(batch["keys"])
@@ -32,7 +33,14 @@ def first_rows(batch: dict[str, Any], n: int) -> dict[str, Any]:
     if not bool(valid.any()):  # nothing real to show: the padding rows stand in
         valid = torch.ones(size, dtype=torch.bool)
     keep = valid & (valid.long().cumsum(0) <= n)
-    return keep_valid_rows({**batch, "valid": keep})
+    out = keep_valid_rows({**batch, "valid": keep})
+    if "device_decode" in out:  # data.decode: gpu: the step already counted any bad image once
+        out["device_decode"] = dataclasses.replace(out["device_decode"], on_bad=_already_counted)
+    return out
+
+
+def _already_counted(key: str, error: BaseException) -> None:
+    """A picture decodes rows the training step decoded (and counted, or failed on) already."""
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:

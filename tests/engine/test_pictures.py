@@ -131,3 +131,34 @@ def test_bad_picture_keys_are_named(bad: str) -> None:
 
     with pytest.raises(RecipeError, match=bad.split("=")[0].replace(".", r"\.")):
         load_recipe(REPO / "recipes/mae/cpu_tiny.yaml", [bad])
+
+
+def test_a_picture_does_not_count_a_bad_device_decoded_image_twice() -> None:
+    """data.decode: gpu: the picture decodes rows the step decoded; an image no decoder reads was
+    counted (in shard_errors) by the step, so the picture's decode must not report it again."""
+    import io
+
+    from mimscale.data.gpu_decode import DeviceDecode, sample_records
+    from mimscale.engine.setup import prepare_batch
+
+    r = load_recipe(REPO / "recipes/mae/cpu_tiny.yaml")
+    buf = io.BytesIO()
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(buf, format="JPEG")
+    good = buf.getvalue()
+    rng = np.random.default_rng(0)
+    records = np.stack([sample_records(good, r.data.views, rng) for _ in range(3)])
+    reported: list[str] = []
+    raw = {
+        "keys": ["broken", "a", "b"],
+        "jpegs": [good[:200], good, good],  # the header reads, the image does not
+        "orientation": torch.ones(3, dtype=torch.uint8),
+        "crops": torch.from_numpy(records),
+        "valid": torch.ones(3, dtype=torch.bool),
+        "labels": torch.full((3,), -1),
+        "mask": torch.zeros(3, 64, dtype=torch.bool),
+        "device_decode": DeviceDecode(tuple(r.data.views), lambda key, err: reported.append(key)),
+    }
+    step = prepare_batch(raw, torch.device("cpu"), torch.float32)
+    assert reported == ["broken"] and step["keys"] == ["a", "b"]  # the step counts it and drops it
+    picture = prepare_batch(first_rows(raw, 2), torch.device("cpu"), torch.float32)
+    assert reported == ["broken"] and picture["keys"] == ["a"]  # not counted again
