@@ -69,12 +69,15 @@ def test_engine_bench_alternates_several_stages_and_reports_the_spread() -> None
             "train.micro_batch=4",
             "--stages",
             "0,1,2",
+            "--threads",
+            "2",
             "--steps",
             "3",
         ]
     )
     assert (
         a.stages == [0, 1, 2]
+        and a.threads == 2
         and a.steps == 3
         and overrides == ["train.global_batch=4", "train.micro_batch=4"]
     )
