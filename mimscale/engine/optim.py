@@ -152,6 +152,35 @@ def use_compile(r: Recipe, device: torch.device) -> bool:
     return bool(r.train.compile)
 
 
+# ZeRO-1/2 gradient bucket on a CPU, in elements: 4 MB of fp32. DeepSpeed allocates its flat
+# reduction buffers afresh every step; glibc serves blocks over 32 MiB with mmap and unmaps them on
+# free, so the default 5e8-element bucket page-faults a whole model's worth of gradients each step.
+# Small buckets are reused from the heap and stay in cache between flatten, all-reduce and copy-back.
+CPU_REDUCE_BUCKET = 1_000_000
+
+
+def zero_section(stage: int, device: torch.device) -> dict[str, Any]:
+    """DeepSpeed's ``zero_optimization`` settings for ``stage`` on ``device`` (no norm/clip keys).
+
+    Measured on a CPU (ViT-S/16 MAE, one rank, one thread; the engine's extra time per step over
+    the bare fused AdamW step): ZeRO-1 with DeepSpeed's defaults 248 ms, with these 97 ms; ZeRO-2
+    247 ms -> 116 ms; at batch 8 engine/bare 1.09 -> 1.04 (ZeRO-1), 1.08 -> 1.04 (ZeRO-2). What
+    remains is DeepSpeed's step itself: it flattens the gradients into a fresh fp32 partition every
+    step (page-faulted anew on a CPU) and copies the updated master weights back.
+    ZeRO-1 keeps every gradient whole, so ``contiguous_gradients`` (a copy into
+    a staging bucket, then another into a partition buffer, against fragmentation of partitioned
+    gradients) only adds two copies; on a CPU the same holds at ZeRO-2, where the host allocator
+    does not fragment. GPU buckets keep DeepSpeed's default size (fewer, larger NCCL calls; the
+    caching allocator reuses them).
+    """
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 1 or (stage == 2 and device.type == "cpu"):
+        zero["contiguous_gradients"] = False
+    if stage in (1, 2) and device.type == "cpu":
+        zero["reduce_bucket_size"] = CPU_REDUCE_BUCKET
+    return zero
+
+
 def deepspeed_config(r: Recipe, d: Derived, device: torch.device) -> dict[str, Any]:
     """The DeepSpeed JSON, from a few named recipe settings (EVA-02 style).
 
@@ -159,11 +188,12 @@ def deepspeed_config(r: Recipe, d: Derived, device: torch.device) -> dict[str, A
     each step (on a GPU the step becomes CPU-bound: measured 2.6x slower than the bare step for
     ViT-L MAE at 128 images): the bf16 per-gradient inf/nan scan (the loop already skips steps
     whose loss is non-finite, agreed across ranks) and, without clipping, the global grad norm.
+    The ZeRO buckets follow :func:`zero_section`.
     """
     t = r.train
     bf16 = use_bf16(r, device)
     clip = r.optim.clip_grad or 0.0
-    zero: dict[str, Any] = {"stage": t.zero_stage}
+    zero = zero_section(t.zero_stage, device)
     if t.zero_stage == 3:
         # Keep every parameter partitioned (small tiny-model params too) so tests exercise ZeRO-3.
         zero.update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=1e9)

@@ -56,3 +56,35 @@ def test_engine_bench_defaults_apply_only_without_a_recipe() -> None:
     # naming mae/vit_b16.yaml benchmarks that recipe as written (once silently switched to ViT-S)
     path, overrides, a = parse_args(["mae/vit_b16.yaml", "--steps", "3"])
     assert path.is_file() and path.parts[-2:] == ("mae", "vit_b16.yaml") and overrides == [] and a.steps == 3
+
+
+def test_engine_bench_alternates_several_stages_and_reports_the_spread() -> None:
+    from mimscale.bench.engine import parse_args, run_bench
+    from mimscale.registry import load_recipe
+
+    path, overrides, a = parse_args(
+        [
+            "mae/cpu_tiny.yaml",
+            "train.global_batch=4",
+            "train.micro_batch=4",
+            "--stages",
+            "0,1,2",
+            "--threads",
+            "2",
+            "--steps",
+            "3",
+        ]
+    )
+    assert (
+        a.stages == [0, 1, 2]
+        and a.threads == 2
+        and a.steps == 3
+        and overrides == ["train.global_batch=4", "train.micro_batch=4"]
+    )
+    r = run_bench(load_recipe(path, overrides), a.steps, warmup=1, stages=a.stages)
+    assert sorted(r["stages"]) == ["0", "1", "2"]
+    for stage, rep in r["stages"].items():
+        assert rep["zero_stage"] == int(stage) and rep["steps_measured"] == 3
+        q1, med, q3 = rep["engine_overhead_ratio_quartiles"]
+        assert 0 < q1 <= med <= q3
+    assert len({rep["bare_step_s"] for rep in r["stages"].values()}) == 1  # one bare series for all

@@ -54,7 +54,7 @@ def keys(run_dir: Path, rank: int) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_two_ranks_loss_falls_and_resume_is_exact(digits, tmp_path, stage: int) -> None:
     n = 6
     full = overrides(digits, tmp_path, "full", **{"train.zero_stage": stage, "train.max_steps": 2 * n})
