@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def run_bench(recipe, steps: int, warmup: int = 3, stages: list[int] | None = No
         bare_opt.step()
         bare_opt.zero_grad(set_to_none=True)
 
-    steps_fn = {"bare": bare_step}
+    steps_fn: dict[Any, Callable[[], Any]] = {"bare": bare_step}
     for stage, engine in engines.items():
         steps_fn[stage] = functools.partial(train_step, engine, micro, dist.device, dtype)
     times: dict[Any, list[float]] = {name: [] for name in steps_fn}
