@@ -52,6 +52,11 @@ def fp32(run: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag=latest(run))
 
 
+def started(log: Path, jid: str) -> bool:
+    """The batch script of job ``jid`` has printed its start line (its USR1 trap is installed)."""
+    return log.is_file() and f"job {jid} start" in log.read_text()
+
+
 def submit_pretrain(tmp: Path, args: list[str], opts: list[str] = (), **env: str) -> tuple[str, Path]:
     log = tmp / f"{args[3].split('=')[1]}.out"  # run.name
     jid = sbatch([*opts, "--cpus-per-task=2", f"--output={log}", PRETRAIN, *args], cwd=tmp, **env)
@@ -98,7 +103,7 @@ def test_signalled_job_stops_requeueing(digits, tmp_path) -> None:
     # Signalled as soon as it starts, with no restarts allowed: it saves what it did and ends.
     args = train_args(digits, tmp_path, "cap")
     jid, log = submit_pretrain(tmp_path, args, MIMSCALE_MAX_RESTARTS="0")
-    wait_for(lambda: log.is_file() and "from step" in log.read_text(), what="job start")
+    wait_for(lambda: started(log, jid), what="job start")
     subprocess.run(["scancel", "--signal=USR1", "--batch", jid], check=True)
     info = wait_done(jid)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", log.read_text()[-3000:]
@@ -108,7 +113,8 @@ def test_signalled_job_stops_requeueing(digits, tmp_path) -> None:
     # The same run cannot advance (max_steps = what it has): signalled, it must not requeue.
     args = train_args(digits, tmp_path, "cap", **{"train.max_steps": saved})
     jid, log = submit_pretrain(tmp_path, args)
-    wait_for(lambda: "from step" in log.read_text().split("start 1:")[-1], what="second job start")
+    # the same log file (same run name, append mode): this job's own start line, not the first's
+    wait_for(lambda: started(log, jid), what="second job start")
     subprocess.run(["scancel", "--signal=USR1", "--batch", jid], check=True)
     info = wait_done(jid)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0"
