@@ -7,6 +7,7 @@ formats are written beside it: open_clip's ``sizes.json`` and timm's ``_info.jso
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 __all__ = [
     "MANIFEST_FORMAT",
     "ShardSource",
+    "file_sha256",
     "read_manifest",
     "resolve_source",
     "write_manifest_files",
@@ -23,6 +25,15 @@ __all__ = [
 
 MANIFEST_FORMAT = "mimscale-shards/1"
 _HOW_TO_WRITE = "write shards with `mimscale prep-shards --src IMAGES --out DIR`, or `mimscale demo-data DIR`"
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB blocks (the digest manifests record)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)

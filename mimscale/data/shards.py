@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mimscale.data.manifest import MANIFEST_FORMAT, write_manifest_files
+from mimscale.data.manifest import MANIFEST_FORMAT, file_sha256, write_manifest_files
 from mimscale.data.transforms import oriented_size, to_rgb
 
 __all__ = ["SourceItem", "list_source", "make_shards", "merge_task_manifests", "plan_shards"]
@@ -216,14 +216,6 @@ def _shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_shard(job: tuple[int, list[SourceItem], int, str, dict[str, Any], str]) -> dict[str, Any]:
     """Write one shard (temp name, record, rename); returns its record. Runs in a worker process."""
     import webdataset as wds
@@ -257,7 +249,7 @@ def _write_shard(job: tuple[int, list[SourceItem], int, str, dict[str, Any], str
         "name": name,
         "count": count,
         "bytes": tmp.stat().st_size,
-        "sha256": _sha256(tmp),
+        "sha256": file_sha256(tmp),
         "skipped": skipped,
         "plan_id": plan_id,
     }

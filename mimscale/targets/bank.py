@@ -75,12 +75,10 @@ def bank_identity(recipe: Recipe) -> dict[str, Any]:
 
 def file_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What identifies a weights file: size, modification time and the sha256 of its bytes."""
+    from mimscale.data.manifest import file_sha256
+
     st = os.stat(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(path)}
 
 
 def same_file(recorded: dict[str, Any], path: str | os.PathLike[str]) -> bool:

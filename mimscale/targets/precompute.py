@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mimscale.data.manifest import file_sha256
 from mimscale.targets.bank import (
     FORMAT,
     bank_identity,
@@ -71,14 +72,6 @@ def _write_once(path: Path, text: str) -> None:
         pass
     finally:
         tmp.unlink()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _weights_identity(model: torch.nn.Module) -> str:
@@ -258,7 +251,7 @@ class Precompute:
         done = {
             "job": self.job,
             "file": name, "image": image, "count": len(keys), "skipped": bad, "fields": fields,
-            "nbytes": (self.out / name).stat().st_size, "sha256": _sha256(self.out / name),
+            "nbytes": (self.out / name).stat().st_size, "sha256": file_sha256(self.out / name),
             "fidelity": _fidelity(tokens, records, self.enc, self.pca) if items else None,
         }  # fmt: skip
         _atomic_write(self.out / (name + ".json"), json.dumps(done, sort_keys=True))
