@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mimscale.config import Recipe
+from mimscale.config import Recipe, WandbConfig
 
 
 class MetricLogger:
@@ -19,21 +19,9 @@ class MetricLogger:
         self.wandb = None
         if self.enabled:  # run metadata (derived values, teacher provenance) beside the metrics
             (run_dir / "meta.json").write_text(json.dumps(extra_meta or {}, indent=2, default=str) + "\n")
-        if self.enabled and recipe.wandb.enabled and recipe.wandb.mode != "disabled":
-            import wandb  # lazy: wandb is heavy and never needed by tests
-
-            w = recipe.wandb
-            self.wandb = wandb.init(
-                project=w.project,
-                entity=w.entity,
-                name=w.name or recipe.run.name,
-                tags=w.tags,
-                mode=w.mode,
-                dir=str(run_dir),
-                config={**recipe.to_dict(), "meta": extra_meta or {}},
-                id=wandb_run_id(run_dir),  # every restart of this run dir continues one wandb run
-                resume="allow",
-            )
+        if self.enabled and wandb_on(recipe.wandb):
+            config = {**recipe.to_dict(), "meta": extra_meta or {}}
+            self.wandb = open_wandb(recipe.wandb, run_dir, recipe.run.name, config)
 
     def log(self, record: dict[str, Any], console: str | None = None) -> None:
         if not self.enabled:
@@ -90,20 +78,35 @@ def publish_pngs(run_dir: Path, pngs: dict[str, Path], caption: str = "") -> boo
     """
     import yaml
 
+    from mimscale.config.typed import build_section
+
     saved = run_dir / "recipe.yaml"
-    recipe = yaml.safe_load(saved.read_text()) if saved.is_file() else None
-    w = (recipe or {}).get("wandb") or {}
-    if not w.get("enabled") or w.get("mode") == "disabled" or not pngs:
+    recipe = (yaml.safe_load(saved.read_text()) if saved.is_file() else None) or {}
+    w = build_section(WandbConfig, recipe.get("wandb"), f"{saved}: wandb")
+    if not wandb_on(w) or not pngs:
         return False
     import wandb
 
-    run = wandb.init(
-        project=w.get("project", "mimscale"), entity=w.get("entity"), mode=w.get("mode", "online"),
-        dir=str(run_dir), id=wandb_run_id(run_dir), resume="allow",
-    )  # fmt: skip
+    run = open_wandb(w, run_dir, run_dir.name)
     run.log({key: wandb.Image(str(png), caption=caption) for key, png in pngs.items()})
     run.finish()
     return True
+
+
+def wandb_on(w: WandbConfig) -> bool:
+    """Whether a run with this ``wandb`` section logs to wandb."""
+    return w.enabled and w.mode != "disabled"
+
+
+def open_wandb(w: WandbConfig, run_dir: Path, name: str, config: dict[str, Any] | None = None) -> Any:
+    """The wandb run of ``run_dir``: every restart of the run dir (and every picture sent after
+    training) continues the one run whose id is kept in ``run_dir/wandb_id``."""
+    import wandb  # lazy: wandb is heavy and never needed by tests
+
+    return wandb.init(
+        project=w.project, entity=w.entity, name=w.name or name, tags=w.tags, mode=w.mode,
+        dir=str(run_dir), config=config, id=wandb_run_id(run_dir), resume="allow",
+    )  # fmt: skip
 
 
 def wandb_run_id(run_dir: Path) -> str:

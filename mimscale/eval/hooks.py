@@ -160,7 +160,7 @@ class EvalHook:
         rec.update({f"eval/{k}": v for k, v in res.items()})
         shown = " ".join(f"{k} {v:.2f}" for k, v in res.items() if k.endswith("top1"))
         trainer.logger.log(rec, f"eval step {trainer.state.step}: {shown} ({seconds:.1f} s)")
-        for png in sorted(diag_dir.glob("*.png")) if dist.rank == 0 else []:  # the plots, to wandb too
+        for png in sorted(diag_dir.glob("*.png")):  # the plots, to wandb too (rank 0's logger sends)
             trainer.logger.log_image(f"diagnostics/{png.stem}", png, trainer.state.step, diag_dir.name)
         return res
 
