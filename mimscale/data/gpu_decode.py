@@ -83,12 +83,11 @@ def header_records(
     """
     from PIL import Image
 
-    from mimscale.data.transforms import exif_orientation, sample_crop
+    from mimscale.data.transforms import exif_orientation, oriented_size, sample_crop
 
     img = Image.open(io.BytesIO(data))
-    orientation = exif_orientation(img)
-    src_w, src_h = img.size[::-1] if orientation in (5, 6, 7, 8) else img.size
-    return np.stack([sample_crop(src_h, src_w, v, rng) for v in views]), orientation
+    src_w, src_h = oriented_size(img)
+    return np.stack([sample_crop(src_h, src_w, v, rng) for v in views]), exif_orientation(img)
 
 
 def decode_views(
