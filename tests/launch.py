@@ -41,3 +41,31 @@ def free_port() -> int:
 
 def python() -> str:
     return sys.executable
+
+
+def nan_forward_script(bad_call: str, argv_from: int = 1, header: str = "import sys") -> str:
+    """A child script that runs ``mimscale.train`` with MAE's forward returning a NaN loss on the
+    forward calls where ``bad_call`` holds: a Python expression of ``n``, the call's 1-based count
+    in this process (``header`` may define what it uses). The training arguments are
+    ``sys.argv[argv_from:]``."""
+    return f"""{header}
+{nan_forward_patch(bad_call)}
+from mimscale.train import main
+sys.exit(main(sys.argv[{argv_from}:]))
+"""
+
+
+def nan_forward_patch(bad_call: str) -> str:
+    """The lines of :func:`nan_forward_script` that patch MAE's forward (for scripts of their own)."""
+    return f"""
+from mimscale.methods import METHODS
+_cls = METHODS["mae"]
+_orig_forward = _cls.forward
+_calls = [0]
+def _nan_forward(self, batch, mask, targets=None):
+    out = _orig_forward(self, batch, mask, targets)
+    _calls[0] += 1
+    n = _calls[0]
+    return out._replace(loss=out.loss * float("nan")) if ({bad_call}) else out
+_cls.forward = _nan_forward
+"""

@@ -14,11 +14,12 @@ import json
 import subprocess
 
 import pytest
-from launch import REPO, python
+from launch import REPO, nan_forward_patch, nan_forward_script, python
 
 RECIPE = str(REPO / "recipes/mae/cpu_tiny.yaml")
 
-SCRIPT = r"""
+SCRIPT = (
+    r"""
 import json, sys, traceback, torch
 from mimscale.engine import loop
 from mimscale.registry import load_recipe
@@ -52,15 +53,9 @@ def train_step(self, micro):
 loop.Trainer.train_step = train_step
 
 BAD = {int(x) for x in sys.argv[1].split(",") if x}
-from mimscale.methods import METHODS
-cls = METHODS["mae"]
-orig_fwd = cls.forward
-calls = [0]
-def forward(self, batch, mask, targets=None):
-    out = orig_fwd(self, batch, mask, targets)
-    calls[0] += 1
-    return out._replace(loss=out.loss * float("nan")) if calls[0] in BAD else out
-cls.forward = forward
+"""
+    + nan_forward_patch("n in BAD")
+    + r"""
 
 t = loop.Trainer(load_recipe(sys.argv[2], sys.argv[3:]))
 events.clear()
@@ -73,6 +68,7 @@ for e in events:
         out[-1]["syncs"].append(e[1:])
 print("RESULT " + json.dumps(out))
 """
+)
 
 
 def run(digits, tmp_path, bad: str, **kw) -> tuple[list[dict], list[dict]]:
@@ -120,21 +116,8 @@ def test_no_host_sync_outside_log_steps(digits, tmp_path, zero: int) -> None:
     assert recs[0]["bad_steps"] == 1 and all(r["loss"] == r["loss"] for r in recs)  # no NaN mean
 
 
-RANK_NAN = r"""
-import os, sys
-from mimscale.methods import METHODS
-cls = METHODS["mae"]
-orig = cls.forward
-calls = [0]
-def forward(self, batch, mask, targets=None):
-    out = orig(self, batch, mask, targets)
-    calls[0] += 1
-    bad = os.environ.get("RANK") == "1" and calls[0] in (3, 8)  # rank 1 only; step 3 and step 7
-    return out._replace(loss=out.loss * float("nan")) if bad else out
-cls.forward = forward
-from mimscale.train import main
-sys.exit(main(sys.argv[1:]))
-"""
+# rank 1 only; step 3 and step 7
+RANK_NAN = nan_forward_script('os.environ.get("RANK") == "1" and n in (3, 8)', header="import os, sys")
 
 
 @pytest.mark.slow

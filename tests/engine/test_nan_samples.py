@@ -8,25 +8,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from launch import REPO, python
+from launch import REPO, nan_forward_script, python
 
 RECIPE = str(REPO / "recipes/mae/cpu_tiny.yaml")
 
 # Forward calls 5 and 6 return NaN: two bad steps in a row -> reload the step-4 checkpoint.
-NAN_SCRIPT = r"""
-import sys
-from mimscale.methods import METHODS
-cls = METHODS["mae"]
-orig = cls.forward
-calls = [0]
-def forward(self, batch, mask, targets=None):
-    out = orig(self, batch, mask, targets)
-    calls[0] += 1
-    return out._replace(loss=out.loss * float("nan")) if calls[0] in (5, 6) else out
-cls.forward = forward
-from mimscale.train import main
-sys.exit(main(sys.argv[1:]))
-"""
+NAN_SCRIPT = nan_forward_script("n in (5, 6)")
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import REPO, free_port, python, run_cmd
+from launch import REPO, free_port, nan_forward_script, python, run_cmd
 
 RECIPE = str(REPO / "recipes/mae/cpu_tiny.yaml")
 
@@ -144,23 +144,10 @@ def test_kill_during_checkpoint_save_resumes_from_previous(digits, tmp_path) -> 
     assert (ckpt / "LATEST").read_text().strip() == "step00000006"
 
 
-NAN_SCRIPT = r"""
-import sys, torch
-from mimscale.methods import METHODS
-cls = METHODS["mae"]
-orig = cls.forward
-state = {"calls": 0}
-BAD = set(int(x) for x in sys.argv[1].split(","))
-def forward(self, batch, mask, targets=None):
-    out = orig(self, batch, mask, targets)
-    state["calls"] += 1
-    if state["calls"] in BAD:
-        return out._replace(loss=out.loss * float("nan"))
-    return out
-cls.forward = forward
-from mimscale.train import main
-sys.exit(main(sys.argv[2:]))
-"""
+# Forward calls listed in argv[1] (comma-separated) return a NaN loss.
+NAN_SCRIPT = nan_forward_script(
+    "n in BAD", argv_from=2, header='import sys\nBAD = set(int(x) for x in sys.argv[1].split(","))'
+)
 
 
 @pytest.mark.slow
