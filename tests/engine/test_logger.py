@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from mimscale.engine.logger import MetricLogger, format_eta
@@ -40,7 +41,9 @@ def test_wandb_offline_writes_a_local_run(tmp_path: Path, monkeypatch) -> None:
     again = MetricLogger(r, tmp_path, rank=0)  # a restart of the same run directory
     assert again.wandb.id == run_id
     again.close()
-    assert all(d.name.endswith(run_id) for d in (tmp_path / "wandb").glob("offline-run-*"))
+    # wandb names a second directory made in the same second "...-<id>-1"
+    pattern = rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?"
+    assert all(re.fullmatch(pattern, d.name) for d in (tmp_path / "wandb").glob("offline-run-*"))
 
 
 def test_rewind_keeps_each_step_once_and_drops_a_torn_line(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ diagnostics and demo plots reach the run's wandb run."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +120,8 @@ def test_diagnose_and_demo_plots_go_to_the_runs_wandb_run(digits, tmp_path, monk
     # one wandb run, training's, resumed: every offline directory carries its id (wandb names a
     # directory made in the same second as another with a "-1" suffix)
     wid = (run / "wandb_id").read_text().strip()
-    assert all(f"-{wid}" in p.name for p in (run / "wandb").glob("offline-run-*"))
+    pattern = rf"offline-run-\d{{8}}_\d{{6}}-{wid}(-\d+)?"
+    assert all(re.fullmatch(pattern, p.name) for p in (run / "wandb").glob("offline-run-*"))
     # a run that does not log to wandb sends nothing
     quiet = _train(digits, tmp_path, "quiet", "train.recon_every=0")
     assert not publish_pngs(quiet, {"demo/curves": curves}) and not (quiet / "wandb").exists()
