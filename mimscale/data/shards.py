@@ -17,260 +17,30 @@ Design choices:
 * Tar headers use a fixed mtime/owner, so the same input always gives byte-identical shards.
 * A file that is not a decodable image is skipped, counted and listed with the reason; it
   never aborts the job.
+
+Where the parts live: :mod:`mimscale.data.shard_plan` lists the source and plans the shards,
+:mod:`mimscale.data.shard_writer` encodes and writes one shard, this module runs the job and
+writes the manifests, :mod:`mimscale.data.shards_cli` is the command line.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from mimscale.data.manifest import MANIFEST_FORMAT, file_sha256, write_manifest_files
-from mimscale.data.transforms import oriented_size, to_rgb
+from mimscale.data.manifest import MANIFEST_FORMAT, write_manifest_files
+from mimscale.data.shard_plan import SourceItem, _plan_id, list_source, plan_shards
+from mimscale.data.shard_writer import _existing_record, _shard_name, _write_shard
 
 __all__ = ["SourceItem", "list_source", "make_shards", "merge_task_manifests", "plan_shards"]
 
-# PIL format -> extension under which the original bytes are stored (readers key on it).
-FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 TASK_FORMAT = "mimscale-shards-task/1"
-PARTS = ".parts"
-
-
-@dataclass(frozen=True)
-class SourceItem:
-    """One source file: absolute path, path relative to the source root, label, size on disk."""
-
-    path: str
-    rel: str
-    label: int | None
-    nbytes: int
-
-
-# --------------------------------------------------------------------------- source listing
-
-
-def _files_under(root: Path) -> list[Path]:
-    """Regular, non-hidden files below ``root``, sorted (deterministic across runs and hosts)."""
-    out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
-    return sorted(out)
-
-
-def _list_csv(src: Path) -> tuple[list[tuple[Path, str | None]], str]:
-    delim = "\t" if src.suffix.lower() == ".tsv" else ","
-    rows = []
-    with open(src, newline="") as f:
-        for i, row in enumerate(csv.reader(f, delimiter=delim)):
-            if not row or row[0].startswith("#") or (i == 0 and row[0].strip().lower() in ("path", "file")):
-                continue
-            p = Path(row[0].strip())
-            rows.append((p if p.is_absolute() else src.parent / p, row[1].strip() if len(row) > 1 else None))
-    return rows, "list"
-
-
-def list_source(src: str | os.PathLike[str]) -> tuple[list[SourceItem], dict[str, int] | None, str]:
-    """List a source: ImageFolder (one sub-folder per class), flat folder, or CSV/TSV ``path[,label]``.
-
-    Non-image files are listed too: they are detected (and skipped) by content when written.
-
-    Args:
-        src: a directory or a ``.csv`` / ``.tsv`` file.
-
-    Returns:
-        ``(items, classes, kind)``: items sorted by relative path, the class-name -> index map
-        (None without labels) and the kind (``imagefolder``, ``folder`` or ``list``).
-
-    Raises:
-        FileNotFoundError: ``src`` does not exist.
-        ValueError: the source holds no files, naming where it looked.
-    """
-    root = Path(src).resolve()
-    if not root.exists():
-        raise FileNotFoundError(f"{root}: shard source does not exist")
-    if root.is_file():
-        pairs, kind = _list_csv(root)
-        base = root.parent
-        where = f"the rows of {root}"
-    else:
-        subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        class_dirs = [d for d in subdirs if _files_under(d)]
-        if class_dirs:
-            kind, where = "imagefolder", f"the class sub-folders of {root} ({len(class_dirs)} found)"
-            pairs = [(f, d.name) for d in class_dirs for f in _files_under(d)]
-        else:
-            kind, where = "folder", f"the files directly in {root}"
-            pairs = [(f, None) for f in sorted(root.iterdir()) if f.is_file() and not f.name.startswith(".")]
-        base = root
-    if not pairs:
-        raise ValueError(f"no image files found: looked in {where}")
-    names = sorted({lab for _, lab in pairs if lab is not None}, key=_natural_key)
-    classes = {n: i for i, n in enumerate(names)} if names else None
-    items = []
-    for path, lab in pairs:
-        rel = os.path.relpath(path, base)
-        size = path.stat().st_size if path.is_file() else -1  # a missing listed file is skipped later
-        items.append(SourceItem(str(path), rel, classes[lab] if classes and lab is not None else None, size))
-    items.sort(key=lambda it: it.rel)
-    return items, classes, kind
-
-
-def _natural_key(name: str) -> tuple[int, int | str]:
-    """Numeric labels sort numerically ("2" < "10"); names sort alphabetically."""
-    return (0, int(name)) if name.isdigit() else (1, name)
-
-
-# --------------------------------------------------------------------------- plan
-
-
-def plan_shards(items: Sequence[SourceItem], shard_size: int | None, shard_bytes: int | None) -> list[range]:
-    """Split items (in order) into shards by sample count and/or source bytes.
-
-    A new shard starts when adding the next item would exceed ``shard_size`` samples or
-    ``shard_bytes`` source bytes (a single larger item still gets its own shard).
-
-    Returns:
-        One ``range`` of item indices per shard.
-    """
-    if not shard_size and not shard_bytes:
-        raise ValueError("give a shard size in samples and/or bytes")
-    plan, start, nbytes = [], 0, 0
-    for i, it in enumerate(items):
-        full_count = shard_size and i - start >= shard_size
-        full_bytes = shard_bytes and i > start and nbytes + max(it.nbytes, 0) > shard_bytes
-        if full_count or full_bytes:
-            plan.append(range(start, i))
-            start, nbytes = i, 0
-        nbytes += max(it.nbytes, 0)
-    plan.append(range(start, len(items)))
-    return plan
-
-
-def _plan_id(items: Sequence[SourceItem], settings: dict[str, Any]) -> str:
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for it in items:
-        h.update(f"{it.rel}\0{it.label}\0{it.nbytes}\n".encode())
-    return h.hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------- encoding
-
-
-def _target_size(w: int, h: int, max_side: int | None, short_side: int | None) -> tuple[int, int] | None:
-    """Downscaled size for pre-resizing, or None when the image is already small enough."""
-    scale = 1.0
-    if max_side and max(w, h) > max_side:
-        scale = min(scale, max_side / max(w, h))
-    if short_side and min(w, h) > short_side:
-        scale = min(scale, short_side / min(w, h))
-    if scale >= 1.0:
-        return None
-    return max(1, round(w * scale)), max(1, round(h * scale))
-
-
-def _encode(item: SourceItem, settings: dict[str, Any]) -> tuple[str, bytes, dict[str, Any]]:
-    """Read, check and (optionally) pre-resize one image; returns (ext, bytes, json meta).
-
-    Sizes in the meta are those of the upright image (EXIF orientation applied), as training
-    decodes it; re-encoded images are stored upright and 16-bit ones scaled to 8 bits.
-    """
-    data = Path(item.path).read_bytes()
-    img: Image.Image = Image.open(io.BytesIO(data))
-    fmt, (w, h) = img.format, oriented_size(img)
-    if settings["verify"]:
-        img.load()  # full decode: catches truncated files that only have a valid header
-    meta: dict[str, Any] = {"path": item.rel, "width": w, "height": h}
-    target = _target_size(w, h, settings["max_side"], settings["short_side"])
-    if target is None and fmt in FORMAT_EXT:
-        return FORMAT_EXT[fmt], data, meta  # original bytes, no re-encode
-    img = Image.open(io.BytesIO(data))
-    buf = io.BytesIO()
-    if target is None:  # a format readers may not expect: store it losslessly as PNG
-        to_rgb(img).save(buf, format="PNG")
-        return "png", buf.getvalue(), {**meta, "reencoded": "png"}
-    if fmt == "JPEG":
-        stored = target if (w, h) == img.size else target[::-1]  # draft works on the stored axes
-        img.draft("RGB", stored)  # DCT downscale to >= target first: much faster, same quality
-    img = to_rgb(img).resize(target, Image.Resampling.BICUBIC)
-    img.save(buf, format="JPEG", quality=settings["quality"])
-    meta.update(width=target[0], height=target[1], orig_width=w, orig_height=h)
-    return "jpg", buf.getvalue(), meta
-
-
-# --------------------------------------------------------------------------- one shard
-
-
-def _shard_name(prefix: str, index: int) -> str:
-    return f"{prefix}-{index:06d}.tar"
-
-
-def _write_shard(job: tuple[int, list[SourceItem], int, str, dict[str, Any], str]) -> dict[str, Any]:
-    """Write one shard (temp name, record, rename); returns its record. Runs in a worker process."""
-    import webdataset as wds
-
-    index, items, first, out_dir, settings, plan_id = job
-    out = Path(out_dir)
-    name = _shard_name(settings["prefix"], index)
-    for stale in out.glob(f".{name}.tmp-*"):  # left by an interrupted run
-        stale.unlink()
-    tmp = out / f".{name}.tmp-{os.getpid()}"
-    count, skipped = 0, []
-    with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as writer:
-        for offset, item in enumerate(items):
-            try:
-                ext, data, meta = _encode(item, settings)
-            except UnidentifiedImageError:
-                skipped.append({"path": item.rel, "reason": "not an image PIL can identify"})
-                continue
-            except Exception as e:  # noqa: BLE001 - any unreadable file is skipped and listed
-                skipped.append({"path": item.rel, "reason": f"{type(e).__name__}: {e}"})
-                continue
-            sample = {"__key__": f"{first + offset:09d}", ext: data, "json": json.dumps(meta, sort_keys=True)}
-            if item.label is not None:
-                sample["cls"] = str(item.label)
-            writer.write(
-                {k: v.encode() if isinstance(v, str) and k != "__key__" else v for k, v in sample.items()}
-            )
-            count += 1
-    record = {
-        "index": index,
-        "name": name,
-        "count": count,
-        "bytes": tmp.stat().st_size,
-        "sha256": file_sha256(tmp),
-        "skipped": skipped,
-        "plan_id": plan_id,
-    }
-    (out / PARTS).mkdir(exist_ok=True)
-    (out / PARTS / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(out / name)  # last: a final name means a complete shard
-    return record
-
-
-def _existing_record(out: Path, name: str, plan_id: str) -> dict[str, Any] | None:
-    """The record of a completed shard, None when it must be (re)written."""
-    rec_path = out / PARTS / f"{name}.json"
-    if not (out / name).is_file() or not rec_path.is_file():
-        return None
-    rec = json.loads(rec_path.read_text())
-    if rec.get("plan_id") != plan_id:
-        raise ValueError(
-            f"{out / name} was written from a different source listing or settings "
-            f"(plan {rec.get('plan_id')} != {plan_id}); use a fresh --out directory"
-        )
-    return rec
 
 
 # --------------------------------------------------------------------------- the job

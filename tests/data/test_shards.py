@@ -13,7 +13,7 @@ import pytest
 from photo_folder import make_photo_folder
 from PIL import Image
 
-from mimscale.data import shards
+from mimscale.data import shard_writer
 from mimscale.data.manifest import read_manifest, resolve_source
 from mimscale.data.shards import make_shards, merge_task_manifests
 from mimscale.data.shards_cli import main
@@ -117,7 +117,7 @@ def test_interrupted_prep_resumes_and_gives_identical_shards(tmp_path: Path, mon
     make_shards(tmp_path / "src", tmp_path / "ref", prefix="x", shard_size=3, progress=False)
     reference = _digests(tmp_path / "ref")
     # Kill the job while it writes the third shard: an exception out of the encoder.
-    real_encode, calls = shards._encode, {"n": 0}
+    real_encode, calls = shard_writer._encode, {"n": 0}
 
     def dying_encode(item, settings):
         calls["n"] += 1
@@ -125,10 +125,10 @@ def test_interrupted_prep_resumes_and_gives_identical_shards(tmp_path: Path, mon
             raise KeyboardInterrupt
         return real_encode(item, settings)
 
-    monkeypatch.setattr(shards, "_encode", dying_encode)
+    monkeypatch.setattr(shard_writer, "_encode", dying_encode)
     with pytest.raises(KeyboardInterrupt):
         make_shards(tmp_path / "src", tmp_path / "run", prefix="x", shard_size=3, progress=False)
-    monkeypatch.setattr(shards, "_encode", real_encode)
+    monkeypatch.setattr(shard_writer, "_encode", real_encode)
     run = tmp_path / "run"
     assert not (run / "manifest.json").exists()
     assert list(run.glob(".x-000002.tar.tmp-*"))  # the partial shard never got its final name
