@@ -7,6 +7,12 @@ never inverted anywhere else in mimscale.
 Generators are pure numpy and draw all randomness from the ``np.random.Generator`` they are
 called with, so the data pipeline can seed them per (seed, epoch, rank, worker, batch) and a
 resumed run reproduces the same masks.
+
+Masks a method completes on the device (MR-MAE's focused sampling from the teacher's attention,
+LC-MAE's second view) draw their randomness from the batch's ``mask_noise``: uniform noise per
+sample from (seed, epoch, key), drawn in collate next to the mask (:func:`batch_noise`), and
+turned into a mask here (:func:`focused_mask`, :func:`disjoint_mask`). So every random mask a
+batch trains with is data: exact resume, precomputed targets and pictures see the same one.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ import math
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+import torch
+
+from mimscale.targets.bank import key_seed
 
 if TYPE_CHECKING:
     from mimscale.config import MaskConfig
@@ -24,8 +33,19 @@ __all__ = [
     "MaskGenerator",
     "RandomMask",
     "CoarseRandomMask",
+    "MASK_STREAMS",
+    "batch_noise",
     "build_mask_generator",
+    "disjoint_mask",
+    "focused_mask",
 ]
+
+# The version of the random streams masks are drawn from, recorded in every checkpoint. 1: MR-MAE's
+# focused sampling drew from torch's global generator and LC-MAE's second mask from a hash of the
+# batch mask, inside the methods; 2: both from the batch's ``mask_noise``. A run whose method
+# draws from the noise (``Method.uses_mask_noise``) does not resume a checkpoint of another version.
+MASK_STREAMS = 2
+NOISE = 0x6E6F6973  # stream tag of the per-sample mask noise
 
 
 class MaskGenerator(Protocol):
@@ -218,3 +238,76 @@ def build_mask_generator(
     if cfg.kind == "random_coarse":
         return CoarseRandomMask(img_size, patch_size, cfg.mask_patch_size, cfg.ratio)
     raise ValueError(f"mask.kind: unknown kind {cfg.kind!r}")
+
+
+# --------------------------------------------------------------------------- noise and device-side masks
+
+
+def batch_noise(seed: int, epoch: int, keys: list[str], num_patches: int, repeats: int = 1) -> torch.Tensor:
+    """The ``mask_noise`` of a batch: uniform float32 ``[B * R, N]`` in [0, 1), laid out as ``mask``
+    (sample b owns rows ``b*R .. b*R + R - 1``).
+
+    Each sample's rows are a pure function of (seed, epoch, key): they do not depend on the rank,
+    the worker, the batch a sample lands in, or a resume.
+
+    Args:
+        seed: the run seed. epoch: the data epoch. keys: the samples' ``__key__`` (B).
+        num_patches: N. repeats: R, masks per sample (``mask.repeats``).
+    """
+    rows = [
+        np.random.default_rng([seed % 2**63, epoch, key_seed(k), NOISE]).random(
+            (repeats, num_patches), np.float32
+        )
+        for k in keys
+    ]
+    return torch.from_numpy(np.concatenate(rows) if rows else np.zeros((0, num_patches), np.float32))
+
+
+def focused_mask(
+    saliency: torch.Tensor, num_visible: int, mode: str, noise: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MR-MAE's visible set chosen from the teacher's attention (docs/methods.md §4.4 options A, B).
+
+    ``sample`` draws |V| tokens without replacement with probabilities ``saliency`` (MILAN's
+    recipe) as a Gumbel top-k over the batch noise: the |V| largest ``log s - log(-log u)`` are,
+    in distribution, the sequential draws of ``torch.multinomial(s, |V|, replacement=False)``.
+    ``topk`` keeps the |V| most attended (no noise).
+
+    Args:
+        saliency: float ``[B, N]``, non-negative (the [CLS] attention, rows sum to 1).
+        num_visible: |V| per sample.
+        mode: "sample" or "topk".
+        noise: float ``[B, N]`` uniform in [0, 1), the batch's ``mask_noise`` ("sample" only).
+
+    Returns:
+        bool ``[B, N]``, True = masked, exactly ``N - num_visible`` per row.
+    """
+    if mode == "sample":
+        if noise is None:
+            raise ValueError("focused sampling needs the batch's mask_noise (drawn in collate: batch_noise)")
+        gumbel = -(-noise.float().clamp_min(1e-30).log()).log()
+        ids = (saliency.float().log() + gumbel).topk(num_visible, dim=1).indices
+    else:
+        ids = saliency.topk(num_visible, dim=1).indices
+    mask = torch.ones_like(saliency, dtype=torch.bool)
+    return mask.scatter(1, ids, False)
+
+
+def disjoint_mask(mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """LC-MAE's second view: |V| patches drawn uniformly from the first mask's masked set.
+
+    The official code shares one shuffle: view 1 keeps ``ids_shuffle[:, :|V|]``, view 2 keeps
+    ``ids_shuffle[:, |V|:2|V|]`` (docs/methods.md §3.2 step 2). Given view 1's visible set, that
+    is a uniform |V|-subset of the rest, which is what this draws (no host sync: ranks, not slices).
+
+    Args:
+        mask: bool ``[B, N]``, True = masked, ``|V| <= N - |V|`` in every row.
+        noise: float ``[B, N]`` in [0, 1) (the batch's ``mask_noise``: the randomness of the draw).
+
+    Returns:
+        bool ``[B, N]`` with the same |V| per row, visible set disjoint from ``mask``'s.
+    """
+    keyed = noise.masked_fill(~mask, 2.0)  # view 1's visible patches sort last
+    rank = keyed.argsort(dim=1).argsort(dim=1)  # position of each patch in the shuffle
+    num_visible = (~mask).sum(dim=1, keepdim=True)
+    return rank >= num_visible

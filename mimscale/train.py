@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank0:  # one line, not one per rank
             print(f"recipe error: {e}", file=sys.stderr)
         return 2
+    from mimscale.engine.bookkeeping import ResumeRefusedError
     from mimscale.engine.checkpoint import CheckpointSpaceError
     from mimscale.engine.loop import Trainer
     from mimscale.engine.safe_load import UnsafeCheckpointError
@@ -43,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = trainer.fit()
     except UnsafeCheckpointError as e:  # resume refused a checkpoint that would run code
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ResumeRefusedError as e:  # e.g. a checkpoint from older mask random streams
+        if rank0:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except CheckpointSpaceError as e:  # disk full: the last complete checkpoint stays the resume point
         print(f"error: {e.strerror}", file=sys.stderr)

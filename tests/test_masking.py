@@ -1,13 +1,22 @@
-"""Mask generators: exact counts, BEiT block statistics, SimMIM structure, determinism."""
+"""Mask generators: exact counts, BEiT block statistics, SimMIM structure, determinism; the per-sample
+mask noise and LC-MAE's second view against the official (LUT) shuffle."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 from mimscale.config import MaskConfig
-from mimscale.masking import BlockMask, CoarseRandomMask, RandomMask, build_mask_generator
+from mimscale.masking import (
+    BlockMask,
+    CoarseRandomMask,
+    RandomMask,
+    batch_noise,
+    build_mask_generator,
+    disjoint_mask,
+)
 
 
 def _draw(gen, n: int, seed: int = 0) -> np.ndarray:
@@ -98,3 +107,66 @@ def test_build_mask_generator() -> None:
     assert isinstance(rand, RandomMask) and rand.num_masked == 147
     sim = build_mask_generator(MaskConfig(kind="random_coarse", ratio=0.6), (14, 14), 224, 16)
     assert isinstance(sim, CoarseRandomMask) and sim.num_masked == 120
+
+
+def test_mask_noise_is_a_function_of_seed_epoch_and_key() -> None:
+    a = batch_noise(7, 3, ["x", "y", "z"], 16, repeats=2)
+    assert a.shape == (6, 16) and a.dtype == torch.float32 and 0 <= a.min() and a.max() < 1
+    # sample "y" owns rows 2 and 3 wherever it lands in a batch (rank, worker, position)
+    b = batch_noise(7, 3, ["y"], 16, repeats=2)
+    assert torch.equal(a[2:4], b)
+    assert not torch.equal(a[2], a[3])  # each of a sample's R masks has its own noise
+    assert not torch.equal(batch_noise(7, 4, ["y"], 16, 2), b)  # another epoch
+    assert not torch.equal(batch_noise(8, 3, ["y"], 16, 2), b)  # another seed
+    assert batch_noise(7, 3, [], 16).shape == (0, 16)
+
+
+def _lut_pair(n: int, len_keep: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """LUT's draw (naver-ai/lut ``random_masking``, docs/methods.md §3.2 step 2), written out:
+    one shuffle of uniform noise, view 1 keeps its first |V| ids, view 2 the next |V|."""
+    ids = torch.rand(n, generator=g).argsort()
+    m1, m2 = torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
+    m1[ids[:len_keep]], m2[ids[len_keep : 2 * len_keep]] = False, False
+    return m1, m2
+
+
+def _ours(gen: RandomMask, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """mimscale's draw: the collate mask, then the second view from the per-sample noise."""
+    rng = np.random.default_rng(0)
+    m1 = torch.from_numpy(np.stack([gen(rng) for _ in range(count)]))
+    noise = batch_noise(0, 0, [f"s{i}" for i in range(count)], gen.num_patches)
+    return m1, disjoint_mask(m1, noise)
+
+
+def test_lc_mae_masks_match_the_official_shuffle_statistics() -> None:
+    """Parity with LUT: with N = 4 and ratio 0.75 (|V| = 1) the official shuffle makes each of the
+    12 ordered (view 1, view 2) visible pairs equally likely; ours must too, and agree with the
+    official draw simulated here."""
+    gen, count = RandomMask((2, 2), 0.75), 24000
+    m1, m2 = _ours(gen, count)
+    cells = ((~m1).float().argmax(1) * 4 + (~m2).float().argmax(1)).bincount(minlength=16)
+    ours = cells.float() / count
+    g = torch.Generator().manual_seed(0)
+    lut = torch.zeros(16)
+    for _ in range(6000):
+        a, b = _lut_pair(4, 1, g)
+        lut[int((~a).float().argmax()) * 4 + int((~b).float().argmax())] += 1 / 6000
+    diagonal = torch.arange(4) * 5  # the same patch visible in both views: never
+    assert ours[diagonal].sum() == 0 and lut[diagonal].sum() == 0
+    off = torch.ones(16, dtype=torch.bool)
+    off[diagonal] = False
+    torch.testing.assert_close(ours[off], torch.full((12,), 1 / 12), atol=0.01, rtol=0)  # 5 sigma
+    torch.testing.assert_close(ours[off], lut[off], atol=0.02, rtol=0)
+
+
+def test_lc_mae_masks_at_vit_b_scale_have_the_official_counts() -> None:
+    """ViT-B/16 at 224, ratio 0.75: both views keep 49 of 196 patches, disjointly, and every patch
+    is visible in view 2 with probability 49/196 as in LUT's shuffle."""
+    gen, count = RandomMask((14, 14), 0.75), 2000
+    m1, m2 = _ours(gen, count)
+    assert ((~m1).sum(1) == 49).all() and ((~m2).sum(1) == 49).all() and not (~m1 & ~m2).any()
+    freq = (~m2).float().mean(0)
+    assert abs(freq.mean().item() - 0.25) < 1e-6  # exact: 49 per row
+    assert freq.min() > 0.25 - 0.05 and freq.max() < 0.25 + 0.05  # ~5 sigma per patch at 2000 rows
+    lut1, lut2 = _lut_pair(196, 49, torch.Generator().manual_seed(0))
+    assert (~lut2).sum() == 49 and not (~lut1 & ~lut2).any()

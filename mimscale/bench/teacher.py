@@ -35,7 +35,7 @@ TEACHER_SEED = 1234
 
 def teacher_batch(recipe, views: int, repeats: int, seed: int = 0) -> dict[str, Any]:
     """``views`` random uint8 views with ``repeats`` masks each (rows b*R .. b*R + R - 1)."""
-    from mimscale.masking import build_mask_generator
+    from mimscale.masking import batch_noise, build_mask_generator
 
     s, p = recipe.model.img_size, recipe.model.patch_size
     g = torch.Generator().manual_seed(seed)
@@ -47,6 +47,7 @@ def teacher_batch(recipe, views: int, repeats: int, seed: int = 0) -> dict[str, 
         "keys": [str(i) for i in range(views)],
         "labels": torch.full((views,), -1, dtype=torch.long),
         "mask": torch.from_numpy(np.stack([gen(rng) for _ in range(views * repeats)])),
+        "mask_noise": batch_noise(seed, 0, [str(i) for i in range(views)], gen.num_patches, repeats),
     }
 
 

@@ -28,7 +28,7 @@ from mimscale.data.reader import (
     shuffled,
 )
 from mimscale.data.transforms import augment_sample, render_views
-from mimscale.masking import build_mask_generator
+from mimscale.masking import batch_noise, build_mask_generator
 from mimscale.targets.bank import pick_view
 
 __all__ = ["IMAGE_KEYS", "EpochDataset"]
@@ -169,6 +169,8 @@ class EpochDataset(torch.utils.data.IterableDataset):
             rng = spec.rng(worker, MASK, local)
             repeats = spec.mask.repeats if spec.mask is not None else 1
             batch["mask"] = torch.from_numpy(np.stack([masker(rng) for _ in range(b * repeats)]))
+            # Per sample from (seed, epoch, key): what a method draws its device-side masks from.
+            batch["mask_noise"] = batch_noise(spec.seed, spec.epoch, keys, masker.num_patches, repeats)
         return batch
 
 

@@ -26,9 +26,9 @@ def synthetic_batch(recipe: Recipe, seed: int = 0) -> dict[str, Any]:
 
     Returns:
         ``{"views": [uint8 [B, 3, S, S] per view], "keys", "labels": -1 [B]}`` plus ``"mask"``
-        (bool ``[B, N]``, True = masked) when the recipe draws masks.
+        (bool ``[B, N]``, True = masked) and its ``"mask_noise"`` when the recipe draws masks.
     """
-    from mimscale.masking import build_mask_generator
+    from mimscale.masking import batch_noise, build_mask_generator
 
     b, s = recipe.train.micro_batch, recipe.model.img_size
     g = torch.Generator().manual_seed(seed)
@@ -46,4 +46,5 @@ def synthetic_batch(recipe: Recipe, seed: int = 0) -> dict[str, Any]:
     }
     if gen is not None:
         batch["mask"] = torch.from_numpy(np.stack([gen(rng) for _ in range(b)]))
+        batch["mask_noise"] = batch_noise(seed, 0, batch["keys"], gen.num_patches)
     return batch

@@ -19,10 +19,30 @@ from mimscale.engine import checkpoint
 from mimscale.engine.distributed import DistInfo
 from mimscale.engine.logger import MetricLogger, format_eta
 from mimscale.engine.optim import apply_recipe_lr, use_bf16
+from mimscale.masking import MASK_STREAMS
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised when non-finite losses persist after reloading the last good checkpoint."""
+
+
+class ResumeRefusedError(RuntimeError):
+    """A checkpoint this run must not continue from (``mimscale train`` prints one line, exit 2)."""
+
+
+def check_mask_streams(client: dict[str, Any], where: Path, method: Any) -> None:
+    """Refuse a checkpoint drawn from other mask random streams, for a method that draws from them.
+
+    Checkpoints before ``mask_streams`` was recorded are version 1 (masking.MASK_STREAMS).
+    Continuing them on the new stream would silently change the masks mid-run, so the run stops.
+    """
+    then = client.get("mask_streams", 1)
+    if then != MASK_STREAMS and getattr(method, "uses_mask_noise", False):
+        raise ResumeRefusedError(
+            f"cannot resume {where}: it was saved with mask random streams v{then}, this mimscale draws "
+            f"v{MASK_STREAMS} (MR-MAE focused sampling and LC-MAE's second view now come from the data "
+            f"side; README 'Changes'); start a new run.name, or run.resume=never"
+        )
 
 
 @dataclass
@@ -123,6 +143,7 @@ class Bookkeeping:
 
     def _load(self, tag: str, restore_data: bool = True) -> None:
         client = checkpoint.load(self.engine, self.ckpt_dir, tag, self.dist.rank)
+        check_mask_streams(client, self.ckpt_dir / tag, self.engine.module)
         self.state.step = client["step"]
         if restore_data:  # a NaN reload keeps the stream where it is, so the count stays too
             self.state.samples = client["samples"]
@@ -142,6 +163,7 @@ class Bookkeeping:
             "data": self.loader.state_dict(),
             "bad_steps": self.state.bad_steps,
             "recipe": self.recipe.to_dict(),
+            "mask_streams": MASK_STREAMS,
         }
         tag = checkpoint.save(
             self.engine, self.ckpt_dir, self.state.step, client, self.recipe, self.dist.rank

@@ -33,7 +33,7 @@ def keep_valid_rows(batch: dict[str, Any]) -> dict[str, Any]:
     Args:
         batch: a collated batch; ``valid`` bool ``[B]``; per-sample entries ``views`` (list of
             ``[B, ...]``) or ``jpegs`` (``data.decode: gpu``), ``crops``, ``labels``, ``keys``;
-            ``mask`` ``[B * R, N]`` (R masks per sample, rows ``b*R .. b*R+R-1``).
+            ``mask`` and ``mask_noise`` ``[B * R, N]`` (R masks per sample, rows ``b*R .. b*R+R-1``).
 
     Returns:
         A new dict with only the valid rows (the same dict when every row is valid).
@@ -58,6 +58,8 @@ def keep_valid_rows(batch: dict[str, Any]) -> dict[str, Any]:
         repeats = batch["mask"].shape[0] // valid.shape[0]
         rows = (keep.unsqueeze(1) * repeats + torch.arange(repeats)).flatten()
         out["mask"] = batch["mask"][rows]
+        if "mask_noise" in batch:  # laid out as the mask
+            out["mask_noise"] = batch["mask_noise"][rows]
     return out
 
 
@@ -84,6 +86,8 @@ def prepare_batch(batch: dict[str, Any], device: torch.device, dtype: torch.dtyp
             from mimscale.models.vit import _equal_visible_count
 
             out["mask"].visible_count = _equal_visible_count(batch["mask"])
+    if "mask_noise" in batch:
+        out["mask_noise"] = batch["mask_noise"].to(device, non_blocking=True)
     if "labels" in batch:
         out["labels"] = batch["labels"].to(device, non_blocking=True)
     return out

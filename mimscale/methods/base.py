@@ -64,6 +64,8 @@ class Method(nn.Module):
         ``batch["views"]``: the same views as uint8 ``[B, 3, H, W]`` (teachers renormalise).
         ``batch["labels"]``: long ``[B]`` (-1 when unlabeled); ``batch["keys"]``: list[str].
         ``mask``: bool ``[B, N]``, ``True = masked`` (defined once, never inverted).
+        ``batch["mask_noise"]``: float ``[B, N]`` uniform per sample, laid out as ``mask``: the
+        randomness of a mask a method completes on the device (:mod:`mimscale.masking`).
         ``targets``: teacher outputs or ``None``.
     """
 
@@ -75,6 +77,9 @@ class Method(nn.Module):
     can_predict: ClassVar[bool] = False  # has a classifier: :meth:`predict` (eval.top1)
     reconstructs_pixels: ClassVar[bool] = False  # :meth:`reconstruct` (reconstruction pictures)
     encoder: ViTEncoder
+    # Draws a mask from batch["mask_noise"] (MR-MAE focused sampling, LC-MAE's second view): such a
+    # run does not resume a checkpoint of another masking.MASK_STREAMS version.
+    uses_mask_noise: bool = False
     # Set by a plug-in (MTO) to receive the mask-token stack's hidden states in ``aux``.
     return_stack_hidden: bool = False
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimscale.config import RecipeError
+from mimscale.masking import disjoint_mask
 from mimscale.methods.base import Method, MethodOutput, Reconstruction
 from mimscale.methods.common import patchify, pixel_mse_loss, predicted_image
 from mimscale.models.decoders import MAEDecoder
@@ -60,26 +61,6 @@ def guidance_loss(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """
     q, k = F.normalize(q.float(), dim=-1), F.normalize(k.detach().float(), dim=-1)
     return (2.0 - 2.0 * (q * k).sum(dim=-1)).mean()
-
-
-def disjoint_mask(mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The second view's mask: its visible set is |V| patches drawn from the first mask's masked set.
-
-    The official code shares one shuffle: view 1 keeps ``ids_shuffle[:, :|V|]``, view 2 keeps
-    ``ids_shuffle[:, |V|:2|V|]`` (§3.2 step 2). Given view 1's visible set, that is a uniform
-    |V|-subset of the rest, which is what this draws (no host sync: ranks, not slices).
-
-    Args:
-        mask: bool ``[B, N]``, True = masked, ``|V| <= N - |V|`` in every row.
-        noise: float ``[B, N]`` in [0, 1) (uniform noise: the randomness of the draw).
-
-    Returns:
-        bool ``[B, N]`` with the same |V| per row, visible set disjoint from ``mask``'s.
-    """
-    keyed = noise.masked_fill(~mask, 2.0)  # view 1's visible patches sort last
-    rank = keyed.argsort(dim=1).argsort(dim=1)  # position of each patch in the shuffle
-    num_visible = (~mask).sum(dim=1, keepdim=True)
-    return rank >= num_visible
 
 
 class LCMAE(Method):
@@ -126,11 +107,7 @@ class LCMAE(Method):
         # the decoder and predictor, which never influence the loss.
         self.momentum_model = MomentumCopy({"encoder": self.encoder, "projector": self.projector})
         self.total_steps: int | None = None
-        # Fixed per-position weights that hash a mask into the seed of the second view's draw.
-        g = torch.Generator().manual_seed(0)
-        self.mask_hash: torch.Tensor
-        self.register_buffer("mask_hash", torch.randint(0, 2**24, (self.encoder.num_patches,), generator=g),
-                             persistent=False)  # fmt: skip
+        self.uses_mask_noise = cfg.cross_view  # view 2's mask: masking.disjoint_mask(mask, noise)
 
     def _pass_flops(self) -> tuple[float, float]:
         """Forward FLOPs per image of the gradient passes (online encoder on the visible tokens of
@@ -206,18 +183,21 @@ class LCMAE(Method):
             z = self.momentum_model["encoder"](images, mode="all").x[:, 1:].mean(dim=1)  # cls excluded
             return self.momentum_model["projector"](z).float()
 
-    def second_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        """View 2's mask, a pure function of view 1's mask (so of the batch): bool ``[B, N]``.
+    def second_mask(self, mask: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """View 2's mask from view 1's and the batch's ``mask_noise`` (data: drawn in collate per
+        sample from (seed, epoch, key), so a resumed run, a test and a plug-in see the same one).
 
-        The draw's generator is seeded by a hash of ``mask``, not taken from the global RNG, so
-        a resumed run, a test and a plug-in all see the same second mask for the same batch
-        (the global RNG's position is not part of the data; e.g. the DataLoader draws from it).
+        Args:
+            mask: bool ``[B, N]``, view 1's mask. noise: float ``[B, N]``, ``batch["mask_noise"]``.
+
+        Returns:
+            bool ``[B, N]``, True = masked (:func:`mimscale.masking.disjoint_mask`).
         """
-        row = torch.arange(1, mask.shape[0] + 1, device=mask.device)
-        # (no integer matmul: CUDA has none) every term < 2^24 * N * B, far below 2^63
-        seed = int(((mask.long() * self.mask_hash).sum(dim=1) * row).sum())
-        g = torch.Generator(device=mask.device).manual_seed(seed)
-        return disjoint_mask(mask, torch.rand(mask.shape, generator=g, device=mask.device))
+        if noise is None:
+            raise ValueError(
+                "LC-MAE's second view needs the batch's mask_noise (drawn in collate: batch_noise)"
+            )
+        return disjoint_mask(mask, noise)
 
     def online(self, latent: torch.Tensor) -> torch.Tensor:
         """Visible patch tokens ``[B, 1 + |V|, D]`` -> q ``[B, D]`` (mean without cls, §3.9 #5)."""
@@ -238,7 +218,7 @@ class LCMAE(Method):
         x1, x2 = batch["images"][0], batch["images"][1]
         b = x1.shape[0]
         if self.cfg.cross_view:
-            mask2 = self.second_mask(mask)
+            mask2 = self.second_mask(mask, batch.get("mask_noise"))
             # One encoder pass over both masked views (per-token ops only, so equal to two passes).
             latent = self.encoder(torch.cat([x1, x2]), torch.cat([mask, mask2]), mode="visible").x
             lat1, lat2 = latent[:b], latent[b:]

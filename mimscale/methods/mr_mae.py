@@ -8,8 +8,9 @@ no ``proj``: 768-d, §4.3; or DINO ViT-B/16). L = 0.5 L_R + 0.5 L_M (§4.2 step 
 Two tricks from §3.3 of the paper, as switches:
 - focused mimicking (§4.4): the teacher's last-block [CLS] attention ``s`` chooses the visible
   set: ``sample`` draws |V| tokens without replacement with probabilities s (MILAN's recipe, the
-  default), ``topk`` takes the |V| most attended, ``mimic_subset`` keeps the random visible set
-  and mimics only its most attended tokens; ``none`` is plain MR-MAE.
+  default; its randomness is the batch's ``mask_noise``, :func:`mimscale.masking.focused_mask`),
+  ``topk`` takes the |V| most attended, ``mimic_subset`` keeps the random visible set and mimics
+  only its most attended tokens; ``none`` is plain MR-MAE.
 - multi-layer fusion (§4.5): the raw outputs of blocks {d/3, 2d/3, d} are summed and the
   encoder's final LN is applied once to the sum; the fused tokens feed the mimic head and the
   decoder.
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimscale.config import RecipeError
+from mimscale.masking import focused_mask
 from mimscale.methods.base import Method, MethodOutput, Reconstruction
 from mimscale.methods.common import gather_rows, patchify, pixel_mse_loss, predicted_image
 from mimscale.models.decoders import MAEDecoder
@@ -35,26 +37,6 @@ if TYPE_CHECKING:
     from mimscale.config import Recipe
 
 Focused = Literal["none", "sample", "topk", "mimic_subset"]
-
-
-def focused_mask(saliency: torch.Tensor, num_visible: int, mode: Literal["sample", "topk"]) -> torch.Tensor:
-    """Choose the visible set from the teacher's attention (docs/methods.md §4.4 options A and B).
-
-    Args:
-        saliency: float ``[B, N]``, non-negative (the [CLS] attention, rows sum to 1).
-        num_visible: |V| per sample.
-        mode: "sample" draws without replacement with probabilities ``saliency`` (torch's
-            global generator, saved with checkpoints); "topk" keeps the most attended.
-
-    Returns:
-        bool ``[B, N]``, True = masked, exactly ``N - num_visible`` per row.
-    """
-    if mode == "sample":
-        ids = torch.multinomial(saliency.float(), num_visible, replacement=False)
-    else:
-        ids = saliency.topk(num_visible, dim=1).indices
-    mask = torch.ones_like(saliency, dtype=torch.bool)
-    return mask.scatter(1, ids, False)
 
 
 def mimic_loss(
@@ -138,6 +120,7 @@ class MRMAE(Method):
         self.mimic_head = nn.Linear(d, teacher_out_dim(recipe.teacher))
         mae_init_(self.mimic_head)
         self.fusion_layers = fusion_layers(cfg, self.encoder.depth) if cfg.fusion else []
+        self.uses_mask_noise = cfg.focused == "sample"
 
     @classmethod
     def check_recipe(cls, recipe: Recipe) -> None:
@@ -175,7 +158,7 @@ class MRMAE(Method):
             attn = attn.repeat_interleave(r, 0) if attn is not None else None
         n_vis = mask.shape[1] - int(mask[0].sum())
         if self.cfg.focused in ("sample", "topk"):
-            mask = focused_mask(attn, n_vis, self.cfg.focused)
+            mask = focused_mask(attn, n_vis, self.cfg.focused, batch.get("mask_noise"))
         return images, teacher, attn, mask, n_vis
 
     def _latent(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -188,6 +171,8 @@ class MRMAE(Method):
         """The decoder's pixels under the step's mask (focused: drawn from the teacher's attention),
         with the first of each view's R masks."""
         r = mask.shape[0] // batch["images"][0].shape[0]
+        if "mask_noise" in batch:  # the noise rows of the masks kept
+            batch = {**batch, "mask_noise": batch["mask_noise"][::r]}
         images, _, _, mask, _ = self._inputs(batch, mask[::r], targets)
         pred = self.decoder(self._latent(images, mask), mask).pred
         p = self.encoder.patch_size

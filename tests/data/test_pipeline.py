@@ -18,6 +18,7 @@ from mimscale.config import DataConfig, MaskConfig, ViewConfig
 from mimscale.data.manifest import read_manifest
 from mimscale.data.pipeline import ShardReadError, build_eval_loader, build_train_loader
 from mimscale.data.shards import make_shards
+from mimscale.masking import batch_noise
 
 VIEWS = [ViewConfig(size=32, scale=[0.5, 1.0]), ViewConfig(size=32, crop="simple", color_jitter=0.4)]
 BLOCK = MaskConfig(kind="block", ratio=0.5, min_num_patches=4, repeats=2)
@@ -146,6 +147,18 @@ def test_masks_travel_in_the_batch(digits: dict) -> None:
         assert (batch["mask"].sum(1) == count).all()
         if repeats > 1:  # the copies of one sample are masked differently
             assert not torch.equal(batch["mask"][0], batch["mask"][1])
+
+
+def test_mask_noise_travels_per_sample_across_ranks_and_resume(digits: dict) -> None:
+    """The noise device-side masks draw from (MR-MAE focused, LC-MAE view 2) is data: per sample
+    from (seed, epoch, key), whichever rank, worker or batch the sample lands in."""
+    mask = MaskConfig(kind="random", ratio=0.75, repeats=2)
+    for rank in (0, 1):
+        loader = _loader(digits["train"], rank=rank, world=2, workers=2, samples_per_epoch=128, mask=mask)
+        loader.set_epoch(3)
+        for batch in loader:
+            assert batch["mask_noise"].shape == (64, 64) and batch["mask_noise"].dtype == torch.float32
+            torch.testing.assert_close(batch["mask_noise"], batch_noise(5, 3, batch["keys"], 64, 2))
 
 
 def _truncate_copy(digits: dict, tmp_path: Path) -> Path:

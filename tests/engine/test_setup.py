@@ -17,6 +17,7 @@ def batch(valid: list[bool], repeats: int = 2) -> dict:
         "keys": [f"k{i}" for i in range(b)],
         "valid": torch.tensor(valid),
         "mask": torch.arange(b * repeats).view(b * repeats, 1).expand(-1, 4) % 2 == 0,
+        "mask_noise": torch.arange(b * repeats, dtype=torch.float32).view(b * repeats, 1).expand(-1, 4),
     }
 
 
@@ -27,6 +28,7 @@ def test_invalid_rows_and_their_mask_rows_leave() -> None:
     assert kept["views"][0][:, 0, 0, 0].tolist() == [0, 2]
     # sample b owns mask rows 2b and 2b + 1 (mask.repeats = 2)
     torch.testing.assert_close(kept["mask"], full["mask"][[0, 1, 4, 5]])
+    assert kept["mask_noise"][:, 0].tolist() == [0, 1, 4, 5]  # the noise rows go with their masks
 
 
 def test_all_valid_or_none_valid_keeps_the_batch() -> None:

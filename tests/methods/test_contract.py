@@ -80,7 +80,8 @@ def test_padding_rows_get_no_gradient(name: str) -> None:
     alone["keys"] = [full["keys"][i] for i in keep] if "keys" in full else None
     alone["valid"] = torch.ones(len(keep), dtype=torch.bool)
     if "mask" in full:
-        alone["mask"] = full["mask"][[i * repeats + r for i in keep for r in range(repeats)]]
+        rows = [i * repeats + r for i in keep for r in range(repeats)]
+        alone["mask"], alone["mask_noise"] = full["mask"][rows], full["mask_noise"][rows]
     losses = []
     for batch in (full, alone):
         prepared = prepare_batch(batch, torch.device("cpu"), torch.float32)

@@ -12,9 +12,10 @@ import torch
 from mimscale.config import RecipeError
 from mimscale.data.synthetic import synthetic_batch
 from mimscale.engine.loop import prepare_batch, seed_everything
+from mimscale.masking import disjoint_mask
 from mimscale.methods import METHODS, build_method
 from mimscale.methods.common import patchify, pixel_mse_loss
-from mimscale.methods.lc_mae import LCMAE, disjoint_mask, guidance_loss
+from mimscale.methods.lc_mae import LCMAE, guidance_loss
 from mimscale.models.ema import MomentumCopy, cosine_momentum
 from mimscale.registry import load_recipe
 
@@ -58,14 +59,20 @@ def test_disjoint_mask_hand_example_and_distribution() -> None:
     assert freq.item() == pytest.approx(4 / 12, abs=0.01)
 
 
-def test_second_mask_is_a_function_of_the_batch_mask() -> None:
+def test_second_mask_comes_from_the_batch_noise() -> None:
     _, method, batch = tiny()
-    mask = batch["mask"]
-    m2 = method.second_mask(mask)
+    mask, noise = batch["mask"], batch["mask_noise"]
+    m2 = method.second_mask(mask, noise)
     torch.rand(100)  # the global RNG plays no part
-    assert torch.equal(method.second_mask(mask.clone()), m2)
+    assert torch.equal(method.second_mask(mask.clone(), noise.clone()), m2)
+    assert torch.equal(m2, disjoint_mask(mask, noise))
     assert ((~m2).sum(1) == (~mask).sum(1)).all() and not (~mask & ~m2).any()
-    assert not torch.equal(method.second_mask(mask.roll(1, dims=1)), m2.roll(1, dims=1))  # not fixed
+    assert not torch.equal(method.second_mask(mask, noise.roll(1, dims=0)), m2)  # the noise decides
+    out = method(batch, mask)
+    torch.rand(100)
+    assert torch.equal(method(batch, mask).loss, out.loss)
+    with pytest.raises(ValueError, match="mask_noise"):
+        method({k: v for k, v in batch.items() if k != "mask_noise"}, mask)
 
 
 def test_cosine_momentum_schedule() -> None:
@@ -142,7 +149,7 @@ def test_loss_pieces_match_an_independent_recomputation(cross_view: bool) -> Non
         for p in method.parameters():
             p.add_(0.01 * torch.randn_like(p))
     out = method(batch, mask)
-    mask2 = method.second_mask(mask) if cross_view else None
+    mask2 = method.second_mask(mask, batch["mask_noise"]) if cross_view else None
     ref = recompute(method, batch, mask, mask2)
     assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5)
     assert out.loss.item() == pytest.approx(
