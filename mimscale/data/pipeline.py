@@ -121,6 +121,11 @@ class ShardLoader:
             self._device_job = DeviceDecode(spec.views, self.bad_on_device)
 
     @property
+    def spec(self) -> EpochSpec:
+        """The layout this loader was built with (views, masks, decode, bank, seed)."""
+        return self._spec
+
+    @property
     def shard_errors(self) -> int:
         """Bad shards + skipped samples of the consumed batches (this rank, all workers/epochs)."""
         return self._errors_before + sum(self._errors_now.values()) + self._device_errors

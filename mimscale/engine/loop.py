@@ -148,6 +148,7 @@ class Trainer(Bookkeeping):
         self.run_dir = Path(recipe.run.out_dir) / recipe.run.name
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.state = TrainState()
+        self.recon_batch: dict[str, Any] | None = None  # the fixed picture set (engine/pictures.py)
         self.stopped_by: str | None = None  # what stopped fit() early (a signal or the stop file)
         # Seconds spent in eval hooks / checkpoint saves since the last log line: excluded from
         # img/s and ETA (an eval would otherwise inflate or deflate the throughput) and logged apart.
@@ -229,7 +230,7 @@ class Trainer(Bookkeeping):
             if self._picture_due(stop):
                 from mimscale.engine.pictures import write_reconstruction
 
-                write_reconstruction(self, micro[-1])
+                write_reconstruction(self)
             self.paused["eval_s"] += time.perf_counter() - e0
             steps_since += 1
             if self.state.step % t.log_every == 0 or self.state.step == stop:

@@ -79,6 +79,21 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
 
 
+def _first_keys(manifest: str, n: int) -> list[str]:
+    """The first ``n`` sample keys of a shard set, in shard order, read with tarfile."""
+    import tarfile
+
+    m = json.loads(Path(manifest).read_text())
+    keys: list[str] = []
+    for shard in m["shards"]:
+        with tarfile.open(Path(manifest).parent / shard["name"]) as tar:
+            for name in tar.getnames():
+                key = name.split(".")[0]
+                if key not in keys:
+                    keys.append(key)
+    return keys[:n]
+
+
 def _media(run: Path, pattern: str) -> list[Path]:
     return sorted((run / "wandb").glob(f"offline-run-*/files/media/images/**/{pattern}"))
 
@@ -93,7 +108,15 @@ def test_training_pictures_reach_files_and_wandb_and_change_nothing(digits, tmp_
     pngs = sorted(p.name for p in (with_pictures / "images").glob("*.png"))
     assert pngs == ["recon_step00000002.png", "recon_step00000003.png"]  # every 2 steps and the end
     img = np.asarray(Image.open(with_pictures / "images" / pngs[0]))
-    assert img.shape == (4 * 34 + 2, 5 * 34 + 2, 3)  # 4 rows x 5 samples of 32 px, 2 px padding
+    # 4 rows x 5 samples of 32 px drawn 3x (96 px), 2 px padding, and a label column on the left
+    assert img.shape[0] == 4 * 98 + 2 and img.shape[1] > 5 * 98 + 2 and img.shape[2] == 3
+    # the same images at every picture step (a fixed set: the first 5 of the validation split)
+    label = img.shape[1] - (5 * 98 + 2)
+    later = np.asarray(Image.open(with_pictures / "images" / pngs[1]))
+    assert np.array_equal(img[: 2 * 98, label:], later[: 2 * 98, label:])  # input and masked rows
+    assert not np.array_equal(img[2 * 98 :, label:], later[2 * 98 :, label:])  # the model moved on
+    recorded = json.loads((with_pictures / "images" / "recon_set.json").read_text())
+    assert recorded == {"source": "data.val", "keys": _first_keys(digits["val"], 5)}
     assert len(_media(with_pictures, "recon_*.png")) == 2
     assert len(_media(with_pictures, "spectrum_*.png")) == 1  # the eval hook's diagnostics plot
     # A picture step trains exactly as any other step (no RNG draw, no mode change left behind).
