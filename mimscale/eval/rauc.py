@@ -8,7 +8,10 @@ interpolated there (docs/methods.md: "trapezoid rule over the evaluated epochs" 
 curves give 1; a curve that learns faster gives > 1.
 
 ``mimscale diagnose rauc RUN_A RUN_B --key eval/linear_top1 [--x epoch] --out DIR`` reads the
-``eval/*`` records of the two runs' ``metrics.jsonl`` (RUN_A is the baseline).
+``eval/*`` records of the two runs' ``metrics.jsonl`` (RUN_A is the baseline), writes
+``DIR/rauc.json`` and ``DIR/rauc.png``, and sends the plot as ``diagnostics/rauc`` to the wandb
+run of both runs (``--wandb-run RUN`` names the one run to send it to); a run whose saved
+recipe does not log to wandb gets nothing.
 """
 
 from __future__ import annotations
@@ -121,7 +124,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e1", type=float, default=None)
     p.add_argument("--e2", type=float, default=None)
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--wandb-run", default=None, metavar="RUN",
+        help="send the plot to this run's wandb run only (RUN_A or RUN_B); default: to both runs' "
+        "wandb runs (a run whose recipe has wandb off gets nothing)",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    targets = [Path(args.baseline), Path(args.compared)]
+    if args.wandb_run is not None:
+        named = [t for t in targets if t.resolve() == Path(args.wandb_run).resolve()]
+        if not named:
+            print(f"error: --wandb-run {args.wandb_run} is neither of the two runs", file=sys.stderr)
+            return 2
+        targets = named[:1]
     c1, c2 = read_curve(args.baseline, args.key, args.x), read_curve(args.compared, args.key, args.x)
     value = rauc(*c1, *c2, args.e1, args.e2)
     shared = overlap(c1[0], c2[0])
@@ -137,4 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     names = [Path(args.baseline).name, Path(args.compared).name]
     _plot(c1, c2, names, args.key, value, out / "rauc.png", args.x)
     print(json.dumps({"rauc": value, "out": str(out)}))
+    _publish(targets, out / "rauc.png", f"RAUC({names[0]}, {names[1]}) on {args.key} = {value:.3f}")
     return 0
+
+
+def _publish(run_dirs: list[Path], png: Path, caption: str) -> None:
+    """The plot to each run's wandb run (when its saved recipe logs to wandb), saying where."""
+    from mimscale.engine.logger import publish_pngs
+
+    for run_dir in run_dirs:
+        if publish_pngs(run_dir, {"diagnostics/rauc": png}, caption):
+            print(f"[mimscale] rauc: plot sent to the wandb run of {run_dir}", file=sys.stderr)

@@ -59,3 +59,42 @@ def test_rauc_warns_when_curves_barely_overlap(tmp_path: Path, capsys) -> None:
     c = _metrics(tmp_path / "c", [0, 200, 400], [10, 35, 55])
     assert rauc_main([str(a), str(c), "--out", str(tmp_path / "o2")]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def _wandb_run(path: Path, steps: list[int], values: list[float]) -> Path:
+    run = _metrics(path, steps, values)
+    (run / "recipe.yaml").write_text("wandb: {enabled: true, mode: offline, project: t}\n")
+    return run
+
+
+def _rauc_media(run: Path) -> list[Path]:
+    return sorted((run / "wandb").glob("offline-run-*/files/media/images/diagnostics/rauc_*.png"))
+
+
+def test_rauc_plot_goes_to_both_runs_wandb_or_the_one_named(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    a = _wandb_run(tmp_path / "a", [0, 100, 200], [10, 20, 30])
+    b = _wandb_run(tmp_path / "b", [0, 100, 200], [10, 25, 35])
+    assert rauc_main([str(a), str(b), "--out", str(tmp_path / "o")]) == 0
+    assert len(_rauc_media(a)) == 1 and len(_rauc_media(b)) == 1
+    for run in (a, b):  # into the run's own wandb run (its kept id), not a new one
+        wid = (run / "wandb_id").read_text().strip()
+        assert all(p.name.split("-")[3] == wid for p in (run / "wandb").glob("offline-run-*"))
+    assert rauc_main([str(a), str(b), "--out", str(tmp_path / "o2"), "--wandb-run", str(b)]) == 0
+    assert len(_rauc_media(a)) == 1 and len(_rauc_media(b)) == 2  # only b got the second plot
+    capsys.readouterr()
+    assert rauc_main([str(a), str(b), "--out", str(tmp_path / "o3"), "--wandb-run", str(tmp_path)]) == 2
+    assert "--wandb-run" in capsys.readouterr().err
+    # a run that does not log to wandb gets nothing
+    c = _metrics(tmp_path / "c", [0, 100, 200], [10, 22, 31])
+    assert rauc_main([str(a), str(c), "--out", str(tmp_path / "o4")]) == 0
+    assert not (c / "wandb").exists() and len(_rauc_media(a)) == 2
+
+
+def test_rauc_help_says_where_the_plot_goes(capsys) -> None:
+    import pytest
+
+    with pytest.raises(SystemExit):
+        rauc_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "wandb run of both runs" in text and "--wandb-run RUN" in text
