@@ -234,3 +234,26 @@ def test_training_with_gpu_decode_on_cpu_follows_cpu_decode(jpeg_digits: dict, t
     # to the next (0.2-0.8% here), so other samples or masks would not pass.
     assert np.allclose(gpu, cpu, rtol=1e-3, atol=0), (cpu, gpu)
     assert gpu != cpu  # bitwise equal would mean the switch changed nothing
+
+
+def test_pictures_with_device_decode(jpeg_digits) -> None:
+    """The fixed picture set with ``data.decode: gpu``: JPEG bytes decoded by prepare_batch, the
+    same keys, masks and (within the decoder tolerance) pixels as with ``data.decode: cpu``."""
+    from mimscale.engine.pictures import picture_batch
+
+    batches = {}
+    for decode in ("cpu", "gpu"):
+        r = load_recipe(REPO / "recipes/mae/cpu_tiny.yaml", [
+            f"data.train={jpeg_digits['train']}", f"data.val={jpeg_digits['val']}", f"data.decode={decode}",
+            "data.draft=false", "train.recon_images=4"])  # fmt: skip
+        loader = build_train_loader(
+            r.data, r.mask, img_size=32, patch_size=4, batch_size=8, seed=0, rank=0, world_size=1
+        )
+        raw = picture_batch(r, loader.spec)
+        assert ("jpegs" in raw) == (decode == "gpu")
+        batches[decode] = prepare_batch(raw, CPU, torch.float32)
+    cpu, gpu = batches["cpu"], batches["gpu"]
+    assert cpu["keys"] == gpu["keys"] and len(cpu["keys"]) == 4
+    assert torch.equal(cpu["mask"], gpu["mask"]) and torch.equal(cpu["mask_noise"], gpu["mask_noise"])
+    diff = (cpu["views"][0].int() - gpu["views"][0].int()).abs()
+    assert diff.max().item() <= PIXEL_MAX_TOLERANCE and diff.float().mean().item() <= PIXEL_TOLERANCE

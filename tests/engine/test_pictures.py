@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from mimscale.data.normalize import IMAGENET_MEAN, IMAGENET_STD
-from mimscale.engine.pictures import GREY, first_rows, reconstruction_grid
+from mimscale.engine.pictures import GREY, first_rows, label_rows, reconstruction_grid
 from mimscale.methods.base import Reconstruction
 from mimscale.registry import load_recipe
 
@@ -48,6 +48,66 @@ def test_grid_by_hand() -> None:
         assert np.all(np.abs(cell(3, col)[masked] - lv["pred"]) <= 1)
         assert np.all(np.abs(cell(3, col)[~masked] - lv["in"]) <= 1)
     assert np.all(grid[0] == 255)  # padding is white
+
+
+def test_scaled_grid_is_nearest_and_rows_are_labelled() -> None:
+    """scale 3: every source pixel becomes a 3x3 block (nearest), so patch edges stay sharp; the
+    label column names the four rows with dark text inside each row's band, white elsewhere."""
+    x = torch.rand(2, 3, 4, 4)
+    pred = torch.rand(2, 3, 4, 4)
+    mask = torch.tensor([[True, False, False, True]] * 2)
+    rec = Reconstruction(normalised(x), mask, normalised(pred))
+    small, big = reconstruction_grid(rec, 2, pad=1), reconstruction_grid(rec, 2, pad=1, scale=3)
+    assert big.shape == (4 * 13 + 1, 2 * 13 + 1, 3)
+    for row in range(4):
+        for col in range(2):
+            s = small[1 + row * 5 : 5 + row * 5, 1 + col * 5 : 5 + col * 5]
+            b = big[1 + row * 13 : 13 + row * 13, 1 + col * 13 : 13 + col * 13]
+            assert np.array_equal(b, s.repeat(3, 0).repeat(3, 1))
+    grid = np.full((4 * 98 + 2, 98 + 2, 3), 200, np.uint8)
+    out = label_rows(grid, pad=2)
+    width = out.shape[1] - grid.shape[1]
+    assert out.shape[0] == grid.shape[0] and width > 0 and np.array_equal(out[:, width:], grid)
+    labels = out[:, :width].min(axis=2)
+    for row in range(4):  # each band holds its label's dark pixels, centred in the band
+        band = labels[2 + row * 98 : 2 + (row + 1) * 98]
+        ys = np.nonzero((band < 100).any(axis=1))[0]
+        assert len(ys) > 5 and 20 < ys.mean() < 78
+    assert (labels[:2] == 255).all()
+
+
+def test_pictures_are_not_recompiled_under_train_compile() -> None:
+    """With compiled blocks, a picture (another batch size, no_grad) runs eagerly: no new graph,
+    and the same pixels as the uncompiled model."""
+    import copy
+    import shutil
+
+    from torch._dynamo.utils import counters
+
+    from mimscale.data.synthetic import synthetic_batch
+    from mimscale.engine.pictures import reconstruct_rows
+    from mimscale.engine.setup import prepare_batch, seed_everything
+    from mimscale.methods import build_method
+    from mimscale.models.vit import compile_blocks
+
+    assert shutil.which("g++") or shutil.which("c++"), "inductor needs a C++ compiler on a CPU"
+    torch._dynamo.reset()
+    r = load_recipe(REPO / "recipes/mae/cpu_tiny.yaml", ["train.micro_batch=4", "train.global_batch=4"])
+    seed_everything(0)
+    eager = build_method(r)
+    compiled = copy.deepcopy(eager)
+    compile_blocks(compiled)
+    train = prepare_batch(synthetic_batch(r, seed=0), torch.device("cpu"), torch.float32)
+    compiled(train, train["mask"], None).loss.backward()  # the training step compiles the blocks
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    small = load_recipe(REPO / "recipes/mae/cpu_tiny.yaml", ["train.micro_batch=3", "train.global_batch=3"])
+    picture = prepare_batch(synthetic_batch(small, seed=1), torch.device("cpu"), torch.float32)
+    for _ in range(2):
+        got = reconstruct_rows(compiled, picture, None)
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled for the pictures
+    want = reconstruct_rows(eager, picture, None)
+    torch.testing.assert_close(got.pred, want.pred, atol=1e-5, rtol=1e-5)
 
 
 def test_first_rows_skips_padding_and_keeps_masks_per_sample() -> None:
