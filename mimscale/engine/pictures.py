@@ -17,6 +17,7 @@ step trains exactly as any other.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -130,12 +131,19 @@ def reconstruct_rows(method: Method, batch: dict[str, Any], targets: Any) -> Rec
     device = batch["images"][0].device
     was_training = method.training
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.compiler.set_stance("force_eager"):
+    with torch.random.fork_rng(devices=devices), _eager():
         method.eval()
         try:
             return method.reconstruct(batch, batch["mask"], targets)
         finally:
             method.train(was_training)
+
+
+def _eager() -> Any:
+    """Compiled modules run their eager code inside (torch >= 2.6). Older torch compiles the
+    picture's shapes once: the fixed set has the same shapes at every picture, so once only."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()
 
 
 def _picture_source(recipe: Any) -> tuple[str, str]:
