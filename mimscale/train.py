@@ -17,6 +17,9 @@ from mimscale.registry import load_recipe
 # Exit status of a run stopped early by a signal or the stop file, its checkpoint written:
 # EX_TEMPFAIL ("try again later"), so `mimscale train ... && next` does not run `next`.
 EXIT_STOPPED = 75
+# Exit status of a run stopped by bad input data with data.on_error: fail (a corrupt shard or an
+# undecodable sample, named on one line): an input error, as a bad recipe (2).
+EXIT_DATA = 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank0:  # one line, not one per rank
             print(f"recipe error: {e}", file=sys.stderr)
         return 2
+    from mimscale.data.reader import ShardReadError
     from mimscale.engine.checkpoint import CheckpointSpaceError
     from mimscale.engine.loop import Trainer
     from mimscale.engine.safe_load import UnsafeCheckpointError
@@ -44,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except UnsafeCheckpointError as e:  # resume refused a checkpoint that would run code
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ShardReadError as e:  # data.on_error: fail; a worker's error arrives with its traceback
+        print(f"data error: {e.line()}", file=sys.stderr, flush=True)
+        return EXIT_DATA
     except CheckpointSpaceError as e:  # disk full: the last complete checkpoint stays the resume point
         print(f"error: {e.strerror}", file=sys.stderr)
         return 1
