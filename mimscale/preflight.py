@@ -41,6 +41,34 @@ def data_problems(recipe: Recipe) -> list[str]:
     return out
 
 
+def _sources(recipe: Recipe) -> list[tuple[str, str]]:
+    """``(key, spec)`` of every shard source the run reads (evaluation's only when enabled)."""
+    keys = [("data.train", recipe.data.train)]
+    ev = recipe.eval
+    if ev is not None and ev.enabled:
+        keys += [("eval.train", ev.train), ("eval.val", ev.val) if ev.val else ("data.val", recipe.data.val)]
+    return [(k, s) for k, s in keys if s]
+
+
+def manifest_problems(recipe: Recipe) -> list[str]:
+    """One line per manifest problem of the sources the run reads, in every epoch mode: a
+    malformed or inconsistent manifest (counts, total), a listed shard that is missing or has
+    another size. Remote and pattern sources are left to the reader."""
+    from mimscale.data.manifest import read_manifest, shard_file_problems
+
+    out: list[str] = []
+    for key, spec in _sources(recipe):
+        p = _local_path(spec)
+        if p is None or not (p.is_dir() or spec.endswith(".json")) or not p.exists():
+            continue  # a pattern (its sibling manifest is optional), remote, or reported as missing
+        try:
+            read_manifest(p)
+            out += [f"{key}: {line}" for line in shard_file_problems(p)]
+        except (ValueError, FileNotFoundError) as e:
+            out.append(f"{key}: {e}")
+    return out
+
+
 def teacher_problems(recipe: Recipe) -> list[str]:
     """A line when the method needs a teacher whose weights cannot be found on local disk."""
     from mimscale.methods import METHODS
@@ -68,7 +96,7 @@ def world_problems(recipe: Recipe, world_size: int) -> list[str]:
     except RecipeError as e:
         return [str(e).removeprefix(f"{recipe.source}: ")]
     data = recipe.data
-    if data.epoch_mode != "exact" or not data.train or data_problems(recipe):
+    if data.epoch_mode != "exact" or not data.train or data_problems(recipe) or manifest_problems(recipe):
         return []
     from mimscale.data.manifest import resolve_source
     from mimscale.data.pipeline import _check_exact
@@ -82,6 +110,7 @@ def world_problems(recipe: Recipe, world_size: int) -> list[str]:
 
 def check_paths(recipe: Recipe, world_size: int = 1) -> None:
     """Raise one :class:`RecipeError` listing every missing data / teacher path of ``recipe``."""
-    problems = data_problems(recipe) + teacher_problems(recipe) + world_problems(recipe, world_size)
+    problems = data_problems(recipe) + manifest_problems(recipe) + teacher_problems(recipe)
+    problems += world_problems(recipe, world_size)
     if problems:
         raise RecipeError(f"{recipe.source}: " + "\n  ".join(problems))

@@ -5,8 +5,10 @@ failure, skipped and counted with ``data.on_error: skip`` or one line naming sha
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import struct
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -15,6 +17,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mimscale.config import DataConfig
 from mimscale.data.pipeline import ShardReadError, build_eval_loader
@@ -83,8 +87,10 @@ def _refresh_manifest(folder: Path) -> None:
     (folder / "manifest.json").write_text(json.dumps(m))
 
 
-def _read(tmp_path: Path, on_error: str, max_pixels: int) -> list[dict]:
-    data = DataConfig(val=str(tmp_path / "val"), num_workers=0, on_error=on_error, max_pixels=max_pixels)
+def _read(tmp_path: Path, on_error: str, max_pixels: int, workers: int = 0) -> list[dict]:
+    data = DataConfig(
+        val=str(tmp_path / "val"), num_workers=workers, on_error=on_error, max_pixels=max_pixels
+    )
     return list(build_eval_loader(data, img_size=32, batch_size=64, rank=0, world_size=1))
 
 
@@ -114,8 +120,9 @@ def test_a_hostile_sample_with_on_error_fail_names_shard_and_sample(
 ) -> None:
     field, payload, reason = CASES[case]
     key = _hostile_val(digits, tmp_path, field, payload)
-    with pytest.raises(ShardReadError) as info:
-        _read(tmp_path, "fail", _cap(case))
+    with pytest.raises(ShardReadError) as info:  # from a loader worker: re-raised with its traceback
+        _read(tmp_path, "fail", _cap(case), workers=1)
+    assert "Traceback" in str(info.value)
     line = info.value.line()
     assert SHARD in line and repr(key) in line and reason in line
     assert "\n" not in line and len(line) < 500
@@ -132,3 +139,31 @@ def test_the_pixel_cap_reads_the_header_only(size: tuple[int, int], cap: int, re
             check_pixels(data, cap)
     else:
         check_pixels(data, cap)
+
+
+@pytest.mark.slow
+def test_train_with_on_error_fail_stops_with_one_line_and_exit_2(digits: dict, tmp_path: Path) -> None:
+    """The CLI end to end: a worker's ShardReadError is one line on stderr, exit 2, no traceback."""
+    import subprocess
+
+    from launch import REPO
+
+    shutil.copytree(Path(digits["train"]).parent, tmp_path / "train")
+    for shard in sorted((tmp_path / "train").glob("*.tar")):  # every sample: the first batch meets one
+        samples = list(wds.WebDataset(str(shard), shardshuffle=False))
+        with wds.TarWriter(str(shard), mtime=0) as w:
+            for s in samples:
+                s["cls"] = b"99999999999999999999999"
+                w.write({k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"})
+    _refresh_manifest(tmp_path / "train")
+    args = [
+        f"data.train={tmp_path / 'train'}", f"data.val={digits['val']}", "data.on_error=fail",
+        "data.num_workers=2", f"run.out_dir={tmp_path}", "train.max_steps=4",
+    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "mimscale.cli", "train", "recipes/mae/cpu_tiny.yaml", *args]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    said = [x for x in out.stderr.splitlines() if x.startswith("data error:")]
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert len(said) == 1 and ".tar: sample '" in said[0] and "is not a class index" in said[0]
+    assert "Traceback" not in out.stderr
