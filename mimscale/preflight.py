@@ -88,6 +88,25 @@ def teacher_problems(recipe: Recipe) -> list[str]:
     ]
 
 
+def bank_problems(recipe: Recipe, digests: bool = False) -> list[str]:
+    """One line per target shard of a precomputed teacher's bank that differs from what the bank
+    records (size, header; sha256 with ``digests``), for the image shards ``data.train`` reads.
+    The bank's own manifest and its match with the recipe are checked when the recipe is loaded."""
+    from mimscale.methods import METHODS
+
+    cfg = recipe.teacher
+    if cfg.source != "precomputed" or not cfg.bank or not METHODS[recipe.method].needs_teacher:
+        return []
+    from mimscale.data.manifest import resolve_source
+    from mimscale.targets.bank import BankError, image_shard_name, target_shard_problems
+
+    try:
+        images = {image_shard_name(u) for u in resolve_source(recipe.data.train).urls}
+        return [f"teacher.bank: {line}" for line in target_shard_problems(cfg.bank, images, digests)]
+    except (BankError, ValueError, FileNotFoundError):
+        return []  # reported by the recipe's own checks (targets.check) or manifest_problems
+
+
 def world_problems(recipe: Recipe, world_size: int) -> list[str]:
     """Lines for what the world size alone makes impossible: the global batch split, and in
     ``exact`` epochs a shard for every reader (ranks x workers)."""
@@ -108,9 +127,11 @@ def world_problems(recipe: Recipe, world_size: int) -> list[str]:
     return []
 
 
-def check_paths(recipe: Recipe, world_size: int = 1) -> None:
-    """Raise one :class:`RecipeError` listing every missing data / teacher path of ``recipe``."""
+def check_paths(recipe: Recipe, world_size: int = 1, digests: bool = False) -> None:
+    """Raise one :class:`RecipeError` listing every missing data / teacher path of ``recipe``;
+    ``digests`` also hashes a precomputed teacher's target shards (one process of a launch)."""
     problems = data_problems(recipe) + manifest_problems(recipe) + teacher_problems(recipe)
+    problems += bank_problems(recipe, digests)
     problems += world_problems(recipe, world_size)
     if problems:
         raise RecipeError(f"{recipe.source}: " + "\n  ".join(problems))

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
         recipe = load_recipe(recipe_path(argv[0]), argv[1:])
-        check_paths(recipe, int(os.environ.get("WORLD_SIZE", "1")))
+        check_paths(recipe, int(os.environ.get("WORLD_SIZE", "1")), digests=rank0)  # one hashes the bank
     except RecipeError as e:
         if rank0:  # one line, not one per rank
             print(f"recipe error: {e}", file=sys.stderr)
