@@ -98,6 +98,14 @@ class EpochDataset(torch.utils.data.IterableDataset):
         images = render_views(sample[key], spec.views, replay, draft=spec.draft)
         return images, replay[:, :7], {n: rec[n] for n in spec.bank.target_fields}
 
+    def _prefetch_targets(self, samples: list[dict[str, Any] | None]) -> None:
+        """Start reading the bank records of a batch's samples (the views :meth:`_decode` picks)."""
+        spec = self.spec
+        for s in samples:
+            if s is not None and isinstance(s.get("__key__"), str):
+                k = pick_view(spec.seed, spec.epoch, s["__key__"], spec.bank.views_per_image)
+                spec.bank.prefetch(s.get("__url__", ""), s["__key__"], k)
+
     def _sample(self, s: dict[str, Any], rng: np.random.Generator) -> tuple[Any, ...]:
         """``(images, crop records, targets or None, key, label)`` of one sample, checked."""
         return (*self._decode(s, rng), str(s["__key__"]), _label(s))
@@ -151,6 +159,8 @@ class EpochDataset(torch.utils.data.IterableDataset):
                 for name, value in row.items():
                     targets[name][i] = value
 
+        if spec.bank is not None:  # the batch's records load while its images decode
+            self._prefetch_targets(samples)
         for i, s in enumerate(samples):
             q = local * b + i  # position in this worker's stream: seeds the sample's augmentation
             if s is not None:

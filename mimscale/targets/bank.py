@@ -337,6 +337,19 @@ class BankReader:
             raise BankError(f"{shard.path}: corrupt record for key {key!r} view {view} (crc mismatch)")
         return rec
 
+    def prefetch(self, image_url: str, key: str, view: int) -> None:
+        """Ask the kernel to start reading one record now (``posix_fadvise(WILLNEED)``, which
+        returns at once), so that a batch's records load from disk while its images decode and
+        :meth:`record` then reads from the page cache. Problems are left to :meth:`record`."""
+        try:
+            shard = self._shard(image_url)
+        except BankError:
+            return
+        j = shard.keys.get(key)
+        if j is not None and hasattr(os, "posix_fadvise"):
+            offset = shard.start + (j * shard.k + view) * shard.itemsize
+            os.posix_fadvise(shard.fd, offset, shard.itemsize, os.POSIX_FADV_WILLNEED)
+
     def empty(self, batch: int) -> dict[str, np.ndarray]:
         """Zero target arrays for a batch (padding rows get zeros; they carry no gradient)."""
         return {n: np.zeros((batch, *self.dtype[n].shape), self.dtype[n].base) for n in self.target_fields}
