@@ -58,9 +58,13 @@ def manifest_problems(recipe: Recipe) -> list[str]:
 
     out: list[str] = []
     for key, spec in _sources(recipe):
-        p = _local_path(spec)
-        if p is None or not (p.is_dir() or spec.endswith(".json")) or not p.exists():
-            continue  # a pattern (its sibling manifest is optional), remote, or reported as missing
+        p = Path(spec)
+        if p.is_dir():
+            p = p / "manifest.json"
+        elif not spec.endswith(".json"):
+            continue  # a shard pattern, file or url: its sibling manifest is optional
+        if not p.is_file():
+            continue  # remote, or no manifest at all (the loader says so, naming the key)
         try:
             read_manifest(p)
             out += [f"{key}: {line}" for line in shard_file_problems(p)]
