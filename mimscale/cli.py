@@ -29,15 +29,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.run_dir:  # for scripts (slurm/pretrain.sbatch): where checkpoints will be
         print(Path(r.run.out_dir) / r.run.name)
         return 0
-    _preflight(r)
+    _preflight(r, digests=True)
     print(yaml.safe_dump(r.to_dict(), sort_keys=False))
     return 0
 
 
-def _preflight(recipe: Any, world_size: int = 1) -> None:
+def _preflight(recipe: Any, world_size: int = 1, digests: bool = False) -> None:
     from mimscale.preflight import check_paths
 
-    check_paths(recipe, world_size)
+    check_paths(recipe, world_size, digests)
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:

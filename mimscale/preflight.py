@@ -41,6 +41,38 @@ def data_problems(recipe: Recipe) -> list[str]:
     return out
 
 
+def _sources(recipe: Recipe) -> list[tuple[str, str]]:
+    """``(key, spec)`` of every shard source the run reads (evaluation's only when enabled)."""
+    keys = [("data.train", recipe.data.train)]
+    ev = recipe.eval
+    if ev is not None and ev.enabled:
+        keys += [("eval.train", ev.train), ("eval.val", ev.val) if ev.val else ("data.val", recipe.data.val)]
+    return [(k, s) for k, s in keys if s]
+
+
+def manifest_problems(recipe: Recipe) -> list[str]:
+    """One line per manifest problem of the sources the run reads, in every epoch mode: a
+    malformed or inconsistent manifest (counts, total), a listed shard that is missing or has
+    another size. Remote and pattern sources are left to the reader."""
+    from mimscale.data.manifest import read_manifest, shard_file_problems
+
+    out: list[str] = []
+    for key, spec in _sources(recipe):
+        p = Path(spec)
+        if p.is_dir():
+            p = p / "manifest.json"
+        elif not spec.endswith(".json"):
+            continue  # a shard pattern, file or url: its sibling manifest is optional
+        if not p.is_file():
+            continue  # remote, or no manifest at all (the loader says so, naming the key)
+        try:
+            read_manifest(p)
+            out += [f"{key}: {line}" for line in shard_file_problems(p)]
+        except (ValueError, FileNotFoundError) as e:
+            out.append(f"{key}: {e}")
+    return out
+
+
 def teacher_problems(recipe: Recipe) -> list[str]:
     """A line when the method needs a teacher whose weights cannot be found on local disk."""
     from mimscale.methods import METHODS
@@ -60,6 +92,25 @@ def teacher_problems(recipe: Recipe) -> list[str]:
     ]
 
 
+def bank_problems(recipe: Recipe, digests: bool = False) -> list[str]:
+    """One line per target shard of a precomputed teacher's bank that differs from what the bank
+    records (size, header; sha256 with ``digests``), for the image shards ``data.train`` reads.
+    The bank's own manifest and its match with the recipe are checked when the recipe is loaded."""
+    from mimscale.methods import METHODS
+
+    cfg = recipe.teacher
+    if cfg.source != "precomputed" or not cfg.bank or not METHODS[recipe.method].needs_teacher:
+        return []
+    from mimscale.data.manifest import resolve_source
+    from mimscale.targets.bank import BankError, image_shard_name, target_shard_problems
+
+    try:
+        images = {image_shard_name(u) for u in resolve_source(recipe.data.train).urls}
+        return [f"teacher.bank: {line}" for line in target_shard_problems(cfg.bank, images, digests)]
+    except (BankError, ValueError, FileNotFoundError):
+        return []  # reported by the recipe's own checks (targets.check) or manifest_problems
+
+
 def world_problems(recipe: Recipe, world_size: int) -> list[str]:
     """Lines for what the world size alone makes impossible: the global batch split, and in
     ``exact`` epochs a shard for every reader (ranks x workers)."""
@@ -68,7 +119,7 @@ def world_problems(recipe: Recipe, world_size: int) -> list[str]:
     except RecipeError as e:
         return [str(e).removeprefix(f"{recipe.source}: ")]
     data = recipe.data
-    if data.epoch_mode != "exact" or not data.train or data_problems(recipe):
+    if data.epoch_mode != "exact" or not data.train or data_problems(recipe) or manifest_problems(recipe):
         return []
     from mimscale.data.manifest import resolve_source
     from mimscale.data.pipeline import _check_exact
@@ -80,8 +131,11 @@ def world_problems(recipe: Recipe, world_size: int) -> list[str]:
     return []
 
 
-def check_paths(recipe: Recipe, world_size: int = 1) -> None:
-    """Raise one :class:`RecipeError` listing every missing data / teacher path of ``recipe``."""
-    problems = data_problems(recipe) + teacher_problems(recipe) + world_problems(recipe, world_size)
+def check_paths(recipe: Recipe, world_size: int = 1, digests: bool = False) -> None:
+    """Raise one :class:`RecipeError` listing every missing data / teacher path of ``recipe``;
+    ``digests`` also hashes a precomputed teacher's target shards (one process of a launch)."""
+    problems = data_problems(recipe) + manifest_problems(recipe) + teacher_problems(recipe)
+    problems += bank_problems(recipe, digests)
+    problems += world_problems(recipe, world_size)
     if problems:
         raise RecipeError(f"{recipe.source}: " + "\n  ".join(problems))

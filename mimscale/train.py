@@ -17,6 +17,9 @@ from mimscale.registry import load_recipe
 # Exit status of a run stopped early by a signal or the stop file, its checkpoint written:
 # EX_TEMPFAIL ("try again later"), so `mimscale train ... && next` does not run `next`.
 EXIT_STOPPED = 75
+# Exit status of a run stopped by bad input data with data.on_error: fail (a corrupt shard or an
+# undecodable sample, named on one line): an input error, as a bad recipe (2).
+EXIT_DATA = 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,11 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
         recipe = load_recipe(recipe_path(argv[0]), argv[1:])
-        check_paths(recipe, int(os.environ.get("WORLD_SIZE", "1")))
+        check_paths(recipe, int(os.environ.get("WORLD_SIZE", "1")), digests=rank0)  # one hashes the bank
     except RecipeError as e:
         if rank0:  # one line, not one per rank
             print(f"recipe error: {e}", file=sys.stderr)
         return 2
+    from mimscale.data.reader import ShardReadError
     from mimscale.engine.bookkeeping import ResumeRefusedError
     from mimscale.engine.checkpoint import CheckpointSpaceError
     from mimscale.engine.loop import Trainer
@@ -49,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         if rank0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except ShardReadError as e:  # data.on_error: fail; a worker's error arrives with its traceback
+        print(f"data error: {e.line()}", file=sys.stderr, flush=True)
+        return EXIT_DATA
     except CheckpointSpaceError as e:  # disk full: the last complete checkpoint stays the resume point
         print(f"error: {e.strerror}", file=sys.stderr)
         return 1

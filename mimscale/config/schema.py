@@ -54,6 +54,9 @@ class DataConfig:
     # only read headers and draw the same crop records. Geometric views only (rrc/center/resize).
     # Training loader only; evaluation loaders decode on the CPU.
     decode: Literal["cpu", "gpu"] = "cpu"
+    # Images above this many pixels (width x height, read from the header) are skipped and
+    # counted as bad samples before decoding: one 12k x 12k PNG decodes to ~430 MB per worker.
+    max_pixels: int = 64_000_000
     views: list[ViewConfig] = field(default_factory=lambda: [ViewConfig()])
 
 

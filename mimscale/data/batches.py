@@ -27,7 +27,7 @@ from mimscale.data.reader import (
     resampled_stream,
     shuffled,
 )
-from mimscale.data.transforms import augment_sample, render_views
+from mimscale.data.transforms import augment_sample, check_pixels, render_views
 from mimscale.masking import batch_noise, build_mask_generator
 from mimscale.targets.bank import pick_view
 
@@ -84,6 +84,7 @@ class EpochDataset(torch.utils.data.IterableDataset):
         if key is None:
             raise ValueError(f"no image entry (looked for {', '.join(IMAGE_KEYS)}); has {sorted(sample)}")
         spec = self.spec
+        check_pixels(sample[key], spec.max_pixels)  # from the header, before any pixel is decoded
         if spec.decode == "gpu":  # header + records only (same draws); pixels on the device
             records, orientation = header_records(sample[key], spec.views, rng)
             return (sample[key], orientation), records, None
@@ -97,12 +98,26 @@ class EpochDataset(torch.utils.data.IterableDataset):
         images = render_views(sample[key], spec.views, replay, draft=spec.draft)
         return images, replay[:, :7], {n: rec[n] for n in spec.bank.target_fields}
 
-    def _pad(self, head: list[dict[str, Any]], q: int, worker: int) -> tuple[Any, ...]:
-        """A padding sample for position ``q``: a decodable head sample, or zeros if none is."""
+    def _prefetch_targets(self, samples: list[dict[str, Any] | None]) -> None:
+        """Start reading the bank records of a batch's samples (the views :meth:`_decode` picks)."""
+        spec = self.spec
+        for s in samples:
+            if s is not None and isinstance(s.get("__key__"), str):
+                k = pick_view(spec.seed, spec.epoch, s["__key__"], spec.bank.views_per_image)
+                spec.bank.prefetch(s.get("__url__", ""), s["__key__"], k)
+
+    def _sample(self, s: dict[str, Any], rng: np.random.Generator) -> tuple[Any, ...]:
+        """``(images, crop records, targets or None, key, label)`` of one sample, checked."""
+        return (*self._decode(s, rng), str(s["__key__"]), _label(s))
+
+    def _pad(self, head: list[dict[str, Any]], q: int, worker: int, put: Any) -> None:
+        """Write a padding sample for position ``q`` with ``put``: a head sample that decodes and
+        fits the batch, or zeros if none does."""
         for t in range(len(head)):
             s = head[(q + t) % len(head)]
             try:
-                return (*self._decode(s, self.spec.rng(worker, PAD, q)), s["__key__"], _label(s))
+                put(self._sample(s, self.spec.rng(worker, PAD, q)))
+                return
             except Exception:  # noqa: BLE001 - already counted when it was first decoded
                 continue
         views = self.spec.views
@@ -111,7 +126,7 @@ class EpochDataset(torch.utils.data.IterableDataset):
             if self.spec.decode == "gpu"
             else [np.zeros((3, v.size, v.size), np.uint8) for v in views]
         )
-        return zeros, np.zeros((len(self.spec.views), 7)), None, "", -1
+        put((zeros, np.zeros((len(views), 7)), None, "", -1))
 
     def _collate(
         self,
@@ -131,17 +146,9 @@ class EpochDataset(torch.utils.data.IterableDataset):
         crops = np.zeros((b, len(spec.views), 7), np.float32)
         labels, keys, valid = np.full(b, -1, np.int64), [""] * b, np.zeros(b, bool)
         targets = spec.bank.empty(b) if spec.bank is not None else None
-        for i, s in enumerate(samples):
-            q = local * b + i  # position in this worker's stream: seeds the sample's augmentation
-            out = None
-            if s is not None:
-                try:
-                    out = (*self._decode(s, spec.rng(worker, SAMPLE, q)), s["__key__"], _label(s))
-                    valid[i] = True
-                except Exception as e:  # noqa: BLE001 - any undecodable sample: skip or fail by policy
-                    policy.bad_sample(s, e)
-            if out is None:
-                out = self._pad(head, q, worker)
+
+        def put(i: int, out: tuple[Any, ...]) -> None:
+            """Write one sample into row ``i``; raises if it does not fit (padding then rewrites the row)."""
             images, crops[i], row, keys[i], labels[i] = out
             if gpu:
                 jpegs[i], orientation[i] = images  # the encoded bytes, their EXIF orientation
@@ -151,6 +158,22 @@ class EpochDataset(torch.utils.data.IterableDataset):
             if targets is not None and row is not None:
                 for name, value in row.items():
                     targets[name][i] = value
+
+        if spec.bank is not None:  # the batch's records load while its images decode
+            self._prefetch_targets(samples)
+        for i, s in enumerate(samples):
+            q = local * b + i  # position in this worker's stream: seeds the sample's augmentation
+            if s is not None:
+                # Everything one sample can break (decode, label, its targets, writing its row) is
+                # inside the guard: any failure is that sample's, skipped and counted, or the run's
+                # one-line stop with on_error: fail.
+                try:
+                    put(i, self._sample(s, spec.rng(worker, SAMPLE, q)))
+                    valid[i] = True
+                except Exception as e:  # noqa: BLE001 - any bad sample: skip or fail by policy
+                    policy.bad_sample(s, e)
+            if not valid[i]:
+                self._pad(head, q, worker, lambda out, i=i: put(i, out))
         batch: dict[str, Any] = {
             "crops": torch.from_numpy(crops),
             "keys": keys,
@@ -175,7 +198,23 @@ class EpochDataset(torch.utils.data.IterableDataset):
 
 
 def _label(sample: dict[str, Any]) -> int:
-    return int(sample["cls"]) if "cls" in sample else -1
+    """The sample's class index (``.cls``), -1 when it has none.
+
+    Raises:
+        ValueError: a ``.cls`` that is not an integer in ``[-1, 2**63)`` (it would overflow the
+            batch's int64 labels); the message quotes at most 24 bytes of it.
+    """
+    if "cls" not in sample:
+        return -1
+    raw = sample["cls"]
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not -1 <= value < 2**63:
+        shown = bytes(raw[:24]) if isinstance(raw, (bytes, bytearray)) else str(raw)[:24]
+        raise ValueError(f"label .cls {shown!r} is not a class index (an integer from 0 to 2**63-1)")
+    return value
 
 
 def identity_collate(batch: dict[str, Any]) -> dict[str, Any]:

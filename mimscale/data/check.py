@@ -13,11 +13,15 @@ __all__ = ["check_recipe"]
 
 
 def check_recipe(recipe: Recipe, method_cls: type) -> None:
-    """``data.decode: gpu`` needs views the device path reproduces, and no precomputed teacher.
+    """A positive ``data.max_pixels``; ``data.decode: gpu`` needs views the device path
+    reproduces, and no precomputed teacher.
 
     Raises:
-        RecipeError: naming the view key (``data.views[i].crop`` ...) or ``data.decode``.
+        RecipeError: naming the view key (``data.views[i].crop`` ...), ``data.decode`` or
+            ``data.max_pixels``.
     """
+    if recipe.data.max_pixels < 1:
+        raise RecipeError(f".data.max_pixels: {recipe.data.max_pixels} must be a positive pixel count")
     if recipe.data.decode != "gpu":
         return
     from mimscale.data.gpu_decode import check_views

@@ -199,6 +199,9 @@ def decode_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return out
 
 
+_TORCHVISION_IO_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
+
+
 def _decode_jpegs(
     datas: Sequence[bytes], orientations: Sequence[int], device: torch.device
 ) -> list[torch.Tensor | BaseException]:
@@ -209,7 +212,15 @@ def _decode_jpegs(
         # EXIF is applied by us on every device: torchvision's flag is CPU-only (nvjpeg ignores
         # it), and one code path keeps the CPU tests true for the GPU.
         raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in batch]
-        return decode_jpeg(raw, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=False)
+        # torchvision 0.29 deprecates its image decoders for TorchCodec and warns on every call:
+        # a line per batch in a run's log. We stay on decode_jpeg for now: TorchCodec's one PyPI
+        # wheel (0.17) is a CUDA 13 build for one torch release (it links libtorch_cuda and
+        # libcudart 13, and declares no torch requirement), so it cannot load beside a CPU-only
+        # torch or another torch version, and pip cannot pick a matching one. Only that warning
+        # is silenced, only here; revisit when torchvision removes decode_jpeg.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", _TORCHVISION_IO_DEPRECATION, DeprecationWarning)
+            return decode_jpeg(raw, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=False)
 
     if not datas:
         return []

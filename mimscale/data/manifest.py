@@ -20,6 +20,7 @@ __all__ = [
     "file_sha256",
     "read_manifest",
     "resolve_source",
+    "shard_file_problems",
     "write_manifest_files",
 ]
 
@@ -74,21 +75,73 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no manifest at ``path``.
-        ValueError: the file is not a mimscale manifest or its totals disagree.
+        ValueError: the file is not a mimscale manifest, a shard entry is malformed (a name that
+            is not a plain file name, a count that is not a positive integer) or the total
+            disagrees with the counts; one line naming the file and the entry.
     """
     p = Path(path)
     if p.is_dir():
         p = p / "manifest.json"
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no shard manifest here ({_HOW_TO_WRITE})")
-    with open(p) as f:
-        m = json.load(f)
+    try:
+        with open(p) as f:
+            m = json.load(f)
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"{p}: unreadable shard manifest ({' '.join(str(e).split())[:200]})") from None
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{p}: not a mimscale shard manifest (expected format {MANIFEST_FORMAT!r})")
-    total = sum(int(s["count"]) for s in m["shards"])
-    if total != m["total"]:
-        raise ValueError(f"{p}: shard counts sum to {total} but total says {m['total']}")
+    problems = _entry_problems(m.get("shards"))
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError(f"{p}: " + "; ".join(problems[:3]) + more + f"; {_HOW_TO_WRITE}")
+    total = sum(s["count"] for s in m["shards"])
+    if total != m.get("total"):
+        raise ValueError(f"{p}: shard counts sum to {total} but total says {m.get('total')!r}")
     return m
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _entry_problems(shards: Any) -> list[str]:
+    """What is wrong with a manifest's ``shards`` list, one phrase per bad entry."""
+    if not isinstance(shards, list) or not shards:
+        return ["'shards' must be a non-empty list of {name, count} entries"]
+    out = []
+    for i, s in enumerate(shards):
+        name = s.get("name") if isinstance(s, dict) else None
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+            out.append(f"shards[{i}]: the name must be a shard file name beside the manifest")
+            continue
+        count = s.get("count")  # prep-shards never writes an empty shard; 0 would only mislead
+        if not _is_count(count) or count < 1:
+            out.append(f"shards[{i}] ({name}): count {repr(count)[:20]} is not a positive integer")
+        elif "bytes" in s and (not _is_count(s["bytes"]) or s["bytes"] < 0):
+            out.append(f"shards[{i}] ({name}): bytes {repr(s['bytes'])[:20]} is not a byte count")
+    return out
+
+
+def shard_file_problems(manifest: str | os.PathLike[str]) -> list[str]:
+    """One line per shard of a (valid) manifest whose file is missing or has another size than
+    recorded: what a run would otherwise find only when it reaches the shard. Costs a ``stat``
+    per shard; digests are checked while the shards stream (:mod:`mimscale.data.reader`).
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`read_manifest`.
+    """
+    p = Path(manifest)
+    m = read_manifest(p)
+    base = p if p.is_dir() else p.parent
+    out = []
+    for s in m["shards"]:
+        f = base / s["name"]
+        if not f.is_file():
+            out.append(f"{f}: listed in {base / 'manifest.json'} but missing")
+        elif "bytes" in s and f.stat().st_size != s["bytes"]:
+            out.append(f"{f}: {f.stat().st_size} bytes, the manifest says {s['bytes']} (another file?)")
+    return out
 
 
 def _integrity(shards: list[dict[str, Any]]) -> dict[str, Any]:
@@ -106,7 +159,7 @@ def _source_from_manifest(path: Path) -> ShardSource:
     base = path.parent if path.suffix == ".json" else path
     return ShardSource(
         urls=tuple(str(base / s["name"]) for s in m["shards"]),
-        counts=tuple(int(s["count"]) for s in m["shards"]),
+        counts=tuple(s["count"] for s in m["shards"]),
         classes=m.get("classes"),
         manifest=str(base / "manifest.json") if path.is_dir() else str(path),
         **_integrity(m["shards"]),

@@ -51,7 +51,7 @@ import torch
 from mimscale.config import DataConfig, MaskConfig, ViewConfig
 from mimscale.data.batches import EpochDataset, identity_collate
 from mimscale.data.manifest import ShardSource, resolve_source
-from mimscale.data.reader import EpochSpec, ShardReadError
+from mimscale.data.reader import EpochSpec, ShardReadError, one_line
 
 __all__ = ["ShardLoader", "ShardReadError", "TrainLoader", "build_eval_loader", "build_train_loader"]
 
@@ -134,7 +134,7 @@ class ShardLoader:
         """A sample of a consumed batch that no decoder could read (``data.decode: gpu``): warned
         and counted in :attr:`shard_errors`, as a worker counts one; ``on_error: fail`` raises."""
         if self._spec.on_error == "fail":
-            raise ShardReadError(f"sample {key!r} cannot be decoded ({exn})") from exn
+            raise ShardReadError(f"sample {key!r} cannot be decoded ({one_line(exn)})") from exn
         self._device_errors += 1
         warnings.warn(f"sample {key!r}: skipped ({exn})", RuntimeWarning, stacklevel=2)
 
@@ -328,6 +328,7 @@ def build_train_loader(
         draft=data.draft,
         bank=_bank_reader(bank, source) if bank else None,
         decode=data.decode,
+        max_pixels=data.max_pixels,
     )
     return ShardLoader(spec, data.num_workers)
 
@@ -419,5 +420,6 @@ def build_eval_loader(
         shuffle_buffer=0,
         on_error=data.on_error,
         draft=data.draft,
+        max_pixels=data.max_pixels,
     )
     return ShardLoader(spec, workers if data.num_workers > 0 else 0)

@@ -25,6 +25,7 @@ __all__ = [
     "ErrorPolicy",
     "ShardEntry",
     "ShardReadError",
+    "one_line",
     "range_stream",
     "read_shard",
     "resampled_stream",
@@ -38,6 +39,21 @@ ORDER, SHARDS, SHUFFLE, SAMPLE, MASK, PAD = range(6)
 
 class ShardReadError(RuntimeError):
     """A corrupt or unreadable shard or sample with ``data.on_error: fail``; names the shard."""
+
+    def line(self) -> str:
+        """The error as one line, also when a DataLoader re-raised it from a worker: the message
+        then holds the worker's whole traceback, whose last line is this error's own (messages are
+        made one line where they are raised, :func:`one_line`)."""
+        text = str(self).strip()
+        if text.startswith("Caught ") and "\n" in text:
+            text = text.splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1]
+        return text
+
+
+def one_line(exn: BaseException | str, limit: int = 300) -> str:
+    """``exn`` as one bounded line: a message from a hostile file can be long or hold newlines."""
+    text = " ".join(str(exn).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,7 @@ class EpochSpec:
     bank: Any = None
     # data.decode: gpu: ship the encoded bytes and crop records; the engine decodes on its device.
     decode: Literal["cpu", "gpu"] = "cpu"
+    max_pixels: int = 64_000_000  # data.max_pixels: larger images are skipped (bad samples)
 
     def rng(self, worker: int, tag: int, index: int = 0) -> np.random.Generator:
         """The generator of one random stream; a pure function of its coordinates."""
@@ -96,9 +113,9 @@ class ErrorPolicy:
     def __call__(self, exn: BaseException) -> bool:
         if self.on_error == "fail":
             raise ShardReadError(
-                f"{self.url}: corrupt or truncated shard ({type(exn).__name__}: {exn})"
+                f"{self.url}: corrupt or truncated shard ({type(exn).__name__}: {one_line(exn)})"
             ) from exn
-        self._shard_errors.append(f"{type(exn).__name__}: {exn}")
+        self._shard_errors.append(f"{type(exn).__name__}: {one_line(exn)}")
         return True  # continue with the next sample / shard
 
     def mismatch(self, what: str) -> None:
@@ -120,9 +137,9 @@ class ErrorPolicy:
     def bad_sample(self, sample: dict[str, Any], exn: BaseException) -> None:
         where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')!r}"
         if self.on_error == "fail":
-            raise ShardReadError(f"{where} cannot be decoded ({exn})") from exn
+            raise ShardReadError(f"{where} cannot be decoded ({one_line(exn)})") from exn
         self.count += 1
-        warnings.warn(f"{where}: skipped ({exn})", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"{where}: skipped ({one_line(exn)})", RuntimeWarning, stacklevel=2)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,7 @@ __all__ = [
     "REPLAY_FIELDS",
     "apply_photometric",
     "augment_sample",
+    "check_pixels",
     "draft_factor",
     "draw_replay",
     "exif_orientation",
@@ -151,6 +153,24 @@ def oriented_size(img: Image.Image) -> tuple[int, int]:
     """``(width, height)`` of the image as displayed: after its EXIF orientation (header only)."""
     w, h = img.size
     return (h, w) if exif_orientation(img) in (5, 6, 7, 8) else (w, h)
+
+
+def check_pixels(data: bytes, max_pixels: int) -> None:
+    """Refuse an image larger than ``max_pixels`` from its header alone, before any decoding.
+
+    PIL only refuses above twice its ``MAX_IMAGE_PIXELS`` (~179 MPix): a small PNG of
+    12,000 x 12,000 pixels would otherwise decode in full (~750 MB per worker).
+
+    Raises:
+        ValueError: the image's width x height exceeds ``max_pixels``.
+    """
+    with warnings.catch_warnings():  # PIL's bomb warning at open: the cap below is the judge
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        w, h = Image.open(io.BytesIO(data)).size
+    if w * h > max_pixels:
+        raise ValueError(
+            f"{w}x{h} = {w * h / 1e6:.1f} MPix is above data.max_pixels = {max_pixels / 1e6:.1f} MPix"
+        )
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -38,6 +38,7 @@ __all__ = [
     "bank_identity",
     "file_identity",
     "same_file",
+    "target_shard_problems",
     "image_shard_name",
     "pick_view",
     "read_bank_manifest",
@@ -50,6 +51,9 @@ FORMAT = "mimscale-teacher-targets/1"
 MAGIC = b"MIMTGT01"
 ALIGN = 64
 PICK = 7  # tag of the view-choice stream (distinct from the pipeline's tags)
+# A header is JSON with one key per image of the shard (~20 bytes each): 64 MiB is ~3M images,
+# far above any shard, and a bound a corrupt length field cannot turn into a MemoryError.
+MAX_HEADER = 64 << 20
 # Teacher keys that decide what the targets are (the others, like dtype or offload, only how fast).
 TEACHER_KEYS = (
     "kind", "model", "pretrained", "layer", "norm", "proj", "cls_attn", "img_size", "resize",
@@ -198,13 +202,58 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
             if len(pre) < len(MAGIC) + 8 or pre[: len(MAGIC)] != MAGIC:
                 raise BankError(f"{path}: not a target shard (bad magic)")
             (n,) = struct.unpack("<Q", pre[len(MAGIC) :])
+            if n > min(MAX_HEADER, os.fstat(f.fileno()).st_size - len(pre)):
+                raise BankError(f"{path}: corrupt target shard header (its length field says {n} bytes)")
             header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("not a JSON object")
     except OSError as e:
         raise BankError(f"{path}: cannot read target shard ({e.strerror or e})") from None
     except ValueError as e:
         raise BankError(f"{path}: corrupt target shard header ({e})") from None
     start = len(MAGIC) + 8 + n
     return header, start + (-start % ALIGN)
+
+
+def target_shard_problems(
+    path: str | os.PathLike[str], images: set[str] | None = None, digests: bool = True
+) -> list[str]:
+    """One line per target shard that differs from what the bank's manifest records: missing, of
+    another size, an unreadable or inconsistent header, or (``digests``) another sha256. Found
+    here, before training, instead of once per sample of the shard.
+
+    Args:
+        path: the bank directory or its manifest.
+        images: the image shard names a run reads (None: every shard of the bank).
+        digests: also hash every target shard (reads the whole bank once).
+
+    Raises:
+        BankError: the bank's manifest itself is missing or unreadable.
+    """
+    from mimscale.data.manifest import file_sha256
+
+    root, manifest = read_bank_manifest(path)
+    fields = manifest.get("record")
+    itemsize = record_dtype(fields).itemsize if isinstance(fields, list) else None
+    out = []
+    for s in manifest.get("shards") or []:
+        if not isinstance(s, dict) or (images is not None and s.get("image") not in images):
+            continue
+        f = root / str(s.get("file", ""))
+        try:
+            size = os.path.getsize(f)
+            if size != s.get("nbytes"):
+                raise BankError(f"{f}: {size} bytes, the bank's manifest says {s.get('nbytes')} (replaced?)")
+            header, start = read_header(f)
+            if (header.get("count"), header.get("record_bytes")) != (s.get("count"), itemsize):
+                raise BankError(f"{f}: its header disagrees with the bank's manifest (count or record size)")
+            if digests and s.get("sha256") and file_sha256(f) != s["sha256"]:
+                raise BankError(f"{f}: its sha256 differs from the bank's manifest (changed or replaced)")
+        except BankError as e:
+            out.append(str(e))
+        except OSError as e:
+            out.append(f"{f}: cannot read target shard ({e.strerror or e})")
+    return out
 
 
 class _OpenShard:
@@ -287,6 +336,19 @@ class BankReader:
         if rec is None or zlib.crc32(raw[:-4]) != int(rec["crc"]):
             raise BankError(f"{shard.path}: corrupt record for key {key!r} view {view} (crc mismatch)")
         return rec
+
+    def prefetch(self, image_url: str, key: str, view: int) -> None:
+        """Ask the kernel to start reading one record now (``posix_fadvise(WILLNEED)``, which
+        returns at once), so that a batch's records load from disk while its images decode and
+        :meth:`record` then reads from the page cache. Problems are left to :meth:`record`."""
+        try:
+            shard = self._shard(image_url)
+        except BankError:
+            return
+        j = shard.keys.get(key)
+        if j is not None and hasattr(os, "posix_fadvise"):
+            offset = shard.start + (j * shard.k + view) * shard.itemsize
+            os.posix_fadvise(shard.fd, offset, shard.itemsize, os.POSIX_FADV_WILLNEED)
 
     def empty(self, batch: int) -> dict[str, np.ndarray]:
         """Zero target arrays for a batch (padding rows get zeros; they carry no gradient)."""

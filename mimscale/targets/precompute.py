@@ -116,6 +116,8 @@ class Precompute:
         if self.source.counts is None:
             raise ValueError(f"data.train={recipe.data.train!r}: precompute needs the shards' manifest.json")
         torch.manual_seed(self.seed)  # a random (allow_random) teacher is then the same in every process
+        if recipe.teacher.offload:
+            _world_of_one(torch.device(device))
         self.provider = build_provider(recipe, torch.device(device))
         self.pca: Pca | None = None
         # What every shard of one bank must share (checked when a rerun finds finished shards).
@@ -359,6 +361,24 @@ def precompute(recipe: Recipe, out: str | Path, **kw: Any) -> dict[str, Any] | N
     job.run()
     path = Path(out) / "manifest.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _world_of_one(device: torch.device) -> None:
+    """A process group of this process alone, for an offloaded teacher (ZeRO-Inference needs
+    one). Never the launcher's world: precompute processes share no collectives and write
+    different shard counts, so a ZeRO-3 gather across them would wait forever."""
+    import torch
+
+    if torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() != 1:
+            raise ValueError(
+                "teacher.offload: precompute needs a process group of its own process "
+                f"(found one of {torch.distributed.get_world_size()} ranks)"
+            )
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    os.environ.setdefault("LOCAL_RANK", str(device.index or 0))  # DeepSpeed's engine reads it
+    torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
 
 
 def _rank_world() -> tuple[int, int]:

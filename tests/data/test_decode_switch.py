@@ -224,7 +224,9 @@ def test_training_with_gpu_decode_on_cpu_follows_cpu_decode(jpeg_digits: dict, t
             "train.zero_stage": 0, "run.deterministic": "true",
         }  # fmt: skip
         cmd = [python(), "-m", "mimscale.train", str(REPO / "recipes/mae/cpu_tiny.yaml")]
-        run_cmd([*cmd, *(f"{k}={v}" for k, v in args.items())])
+        # every warning shown, each time: torchvision's decode_jpeg deprecation must not be one
+        out = run_cmd([*cmd, *(f"{k}={v}" for k, v in args.items())], env={"PYTHONWARNINGS": "always"})
+        assert "TorchCodec" not in out.stdout + out.stderr
         runs[decode] = _losses(tmp_path / decode)
     cpu, gpu = runs["cpu"], runs["gpu"]
     assert len(cpu) == len(gpu) == 3

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -88,3 +89,17 @@ def test_exif_orientation_is_applied_as_pil_does_on_every_device_path() -> None:
         for v in range(len(views)):
             diff = (out[v][0].float() - torch.from_numpy(imgs[v]).float()).abs()
             assert diff.mean().item() <= PIXEL_TOLERANCE and diff.max().item() <= PIXEL_MAX_TOLERANCE, (o, v)
+
+
+@pytest.mark.parametrize("batches", [1, 3])
+def test_torchvision_decode_deprecation_is_not_repeated_in_the_log(batches: int) -> None:
+    """torchvision 0.29 warns on every decode_jpeg call; under any filter (here: every warning,
+    every time) a run's log must not get one line per batch."""
+    views = [ViewConfig(size=32, crop="center", hflip=0.0)]
+    datas = _jpegs()[:2]
+    records = np.stack([sample_records(d, views, np.random.default_rng(0)) for d in datas])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(batches):
+            decode_views(datas, records, views, torch.device("cpu"))
+    assert not [w for w in caught if "TorchVision are deprecated" in str(w.message)]
