@@ -96,6 +96,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise RecipeError(f"override {short(text)}: empty key component")
+    if len(parts) > safe_yaml.MAX_DEPTH:  # a key nests like a value does
+        raise RecipeError(f"override {short(text)}: key nested deeper than {safe_yaml.MAX_DEPTH} levels")
     try:
         parsed = safe_yaml.load(value) if value.strip() else None
     except RecipeError as e:
