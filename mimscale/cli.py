@@ -129,6 +129,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if r.method != "finetune":
         prog = f"mimscale {args.cmd}"
         raise RecipeError(f"{args.recipe}: method: {prog} needs method 'finetune', got {r.method!r}")
+    if r.method_cfg.mode == "linprobe" and r.optim.optimizer != "lars":  # say it, never silently
+        print(
+            f"note: {args.recipe} trains the linear probe with optim.optimizer={r.optim.optimizer}; MAE's "
+            "protocol is LARS (recipes/finetune/linprobe_cpu_tiny.yaml, linprobe_mae_vit_b16.yaml)",
+            file=sys.stderr,
+        )
     return cmd_train(args)
 
 

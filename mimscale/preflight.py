@@ -131,9 +131,30 @@ def world_problems(recipe: Recipe, world_size: int) -> list[str]:
     return []
 
 
+def check_resume(recipe: Recipe) -> None:
+    """The recipe saved with the checkpoint a ``run.resume: auto`` run continues from must read as
+    a recipe (the same loader and message as ``eval`` / ``export``), before any rank starts."""
+    ckpt_dir = Path(recipe.run.out_dir) / recipe.run.name / "checkpoints"
+    if recipe.run.resume != "auto" or not ckpt_dir.is_dir():
+        return
+    from mimscale.config.loader import parse_file
+    from mimscale.engine.checkpoint import read_pointer
+
+    tag = read_pointer(ckpt_dir)
+    if tag is None or not (ckpt_dir / tag / "recipe.yaml").exists():
+        return
+    try:
+        parse_file(ckpt_dir / tag / "recipe.yaml")
+    except RecipeError as e:
+        raise RecipeError(
+            f"{e} (the checkpoint this run resumes from; a new run.name or run.resume=never starts afresh)"
+        ) from None
+
+
 def check_paths(recipe: Recipe, world_size: int = 1, digests: bool = False) -> None:
     """Raise one :class:`RecipeError` listing every missing data / teacher path of ``recipe``;
     ``digests`` also hashes a precomputed teacher's target shards (one process of a launch)."""
+    check_resume(recipe)
     problems = data_problems(recipe) + manifest_problems(recipe) + teacher_problems(recipe)
     problems += bank_problems(recipe, digests)
     problems += world_problems(recipe, world_size)

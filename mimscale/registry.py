@@ -45,7 +45,7 @@ def check_recipe(recipe: Recipe) -> None:
         for check in PLUGIN_CHECKS:
             check(recipe, method_cls)
     except RecipeError as e:
-        raise RecipeError(f"{recipe.source}: {str(e).lstrip('.')}") from None
+        raise loader.blame(str(e), recipe.source, recipe.overrides) from None
 
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:

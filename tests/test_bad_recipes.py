@@ -26,8 +26,8 @@ CASES = [
     (["source=x.yaml"], "source: unknown key"),
     (["method_cfg=1"], "method_cfg: unknown key"),
     (["extras=1"], "extras: unknown key"),
-    (["optim.weight_decy=0.1"], "did you mean .optim.weight_decay"),
-    (["teachr.layer=2"], "did you mean .teacher"),
+    (["optim.weight_decy=0.1"], "did you mean optim.weight_decay?"),
+    (["teachr.layer=2"], "did you mean teacher?"),
     (["train.micro_batch=3"], "train.global_batch: 8 is not a multiple of train.micro_batch=3"),
 ]
 

@@ -9,14 +9,16 @@ line naming the file and the dotted key.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from mimscale.config import safe_yaml
+from mimscale.config.paths import shipped_recipe
 from mimscale.config.schema import Recipe, recipe_keys
-from mimscale.config.typed import RecipeError, build, build_section, unknown_key
+from mimscale.config.typed import RecipeError, build, build_section, short, unknown_key
 
 MAX_BASE_DEPTH = 2
 
@@ -31,19 +33,28 @@ def _deep_merge(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _parse_file(path: Path, referrer: Path | None) -> dict[str, Any]:
-    """One YAML file as a mapping; every failure names the file (and who referred to it)."""
+def parse_file(path: Path, referrer: Path | None = None) -> dict[str, Any]:
+    """One YAML file as a mapping; every failure names the file (and who referred to it).
+
+    The one reader of recipe files: shipped and user recipes, their ``_base_`` files and the
+    ``recipe.yaml`` saved in run and checkpoint directories (resume, eval, export) alike.
+    """
     if not path.is_file():
         by = f" (the _base_ of {referrer})" if referrer is not None else ""
         raise RecipeError(f"{path}: recipe file not found{by}")
+    if path.stat().st_size > safe_yaml.MAX_BYTES:  # before reading it into memory
+        raise RecipeError(f"{path}: {path.stat().st_size} bytes; a recipe is at most {safe_yaml.MAX_BYTES}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a text file (a recipe is UTF-8 YAML)") from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml.load(text)
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: invalid YAML: {e}") from e
+        # PyYAML's message spans lines (problem, context, a quoted excerpt): one line, bounded
+        raise RecipeError(f"{path}: invalid YAML: {short(' '.join(str(e).split()))}") from None
     if data is None:
         raise RecipeError(f"{path}: the recipe file is empty")
     if not isinstance(data, dict):
@@ -53,30 +64,48 @@ def _parse_file(path: Path, referrer: Path | None) -> dict[str, Any]:
 
 def read_yaml(path: Path, depth: int = 0, referrer: Path | None = None) -> dict[str, Any]:
     """A recipe file merged over its ``_base_`` chain (at most :data:`MAX_BASE_DEPTH` levels)."""
-    data = _parse_file(path, referrer)
+    data = parse_file(path, referrer)
     bases = data.pop("_base_", None)
     if bases is None:
         return data
     if depth >= MAX_BASE_DEPTH:
         raise RecipeError(f"{path}: _base_ nested deeper than {MAX_BASE_DEPTH} levels")
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise RecipeError(f"{path}: _base_: expected a recipe file or a list of them, got {short(bases)}")
     merged: dict[str, Any] = {}
-    for b in [bases] if isinstance(bases, str) else bases:
-        merged = _deep_merge(merged, read_yaml((path.parent / b).resolve(), depth + 1, path))
+    for b in bases:
+        merged = _deep_merge(merged, read_yaml(_base_path(path, b), depth + 1, path))
     return _deep_merge(merged, data)
+
+
+def _base_path(path: Path, base: str) -> Path:
+    """A ``_base_`` entry as the command line reads a recipe: a file relative to the recipe that
+    names it, else a shipped recipe's name (``mae/cpu_tiny``, found in a wheel too)."""
+    local = (path.parent / base).resolve()
+    if local.is_file():
+        return local
+    return shipped_recipe(base) or local  # neither: the error names the relative path
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=c`` -> (["a", "b"], yaml-parsed c)."""
     if "=" not in text:
-        raise RecipeError(f"override {text!r}: expected key.sub=value")
+        raise RecipeError(f"override {short(text)}: expected key.sub=value")
     key, _, value = text.partition("=")
     parts = key.strip().split(".")
     if not all(parts):
-        raise RecipeError(f"override {text!r}: empty key component")
+        raise RecipeError(f"override {short(text)}: empty key component")
+    if len(parts) > safe_yaml.MAX_DEPTH:  # a key nests like a value does
+        raise RecipeError(f"override {short(text)}: key nested deeper than {safe_yaml.MAX_DEPTH} levels")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = safe_yaml.load(value) if value.strip() else None
+    except RecipeError as e:
+        raise RecipeError(f"override {short(text)}: {e}") from None
     except yaml.YAMLError as e:
-        raise RecipeError(f"override {text!r}: cannot parse value: {e}") from e
+        raise RecipeError(
+            f"override {short(text)}: cannot parse value: {short(' '.join(str(e).split()))}"
+        ) from None
     return parts, parsed
 
 
@@ -88,14 +117,32 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         node = out
         for p in parts[:-1]:
             if not isinstance(node.get(p, {}), dict):
-                raise RecipeError(f"override {text!r}: {p} is not a section")
+                raise RecipeError(f"override {short(text)}: {short(p)} is not a section")
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return out
 
 
+def blame(message: str, source: str, overrides: Sequence[str] = ()) -> RecipeError:
+    """One error line naming where the bad key came from: the override that set it, else the file.
+
+    ``message`` starts with the dotted key (``train.epochz: unknown key ...``); an override of that
+    key, of a key below it or of a section above it is the source (the last such, as it won).
+    """
+    message = message.lstrip(".")
+    key = message.partition(":")[0]
+    for text in reversed(overrides):
+        set_key = text.partition("=")[0].strip()
+        if key == set_key or key.startswith((f"{set_key}.", f"{set_key}[")) or set_key.startswith(f"{key}."):
+            return RecipeError(f"override {short(text)} (on {source}): {message}")
+    return RecipeError(f"{source}: {message}")
+
+
 def recipe_from_dict(
-    raw: dict[str, Any], method_configs: Mapping[str, type], source: str = "<dict>"
+    raw: dict[str, Any],
+    method_configs: Mapping[str, type],
+    source: str = "<dict>",
+    overrides: Sequence[str] = (),
 ) -> Recipe:
     """Validate a merged raw mapping into a :class:`Recipe` (errors name ``source``).
 
@@ -103,29 +150,33 @@ def recipe_from_dict(
         raw: the merged YAML mapping (after ``_base_`` and overrides).
         method_configs: method name -> the dataclass of its own section.
         source: the file name errors are reported against.
+        overrides: the ``a.b=c`` overrides applied to ``raw``: an error about a key one of them set
+            names the override instead of the file.
 
     Returns:
         The recipe with ``method_cfg`` filled; only the schema-level checks have run.
     """
     raw = copy.deepcopy(raw)
-    method = raw.pop("method", "mae")
-    if method not in method_configs:
-        raise RecipeError(f"{source}: method: unknown method {method!r} (known: {', '.join(method_configs)})")
-    method_raw = raw.pop(method, None)
-    stray = [k for k in raw if k in method_configs]
-    if stray:
-        raise RecipeError(f"{source}: {stray[0]}: section for method {stray[0]!r} but method is {method!r}")
     try:
+        safe_yaml.check_numbers(raw)  # every number of every section, before any is used
+        method = raw.pop("method", "mae")
+        if not isinstance(method, str) or method not in method_configs:
+            raise RecipeError(f"method: unknown method {short(method)} (known: {', '.join(method_configs)})")
+        method_raw = raw.pop(method, None)
+        stray = [k for k in raw if k in method_configs]
+        if stray:
+            raise RecipeError(f"{stray[0]}: section for method {stray[0]!r} but method is {method!r}")
         known = [*recipe_keys(), method]
         for key in raw:
             if key not in known:
-                raise unknown_key("", str(key), known)
+                raise unknown_key("", str(key)[:80], known)
         recipe: Recipe = build(Recipe, {"method": method, **raw}, "")
         recipe.method_cfg = build_section(method_configs[method], method_raw, f".{method}")
         recipe.source = source
+        recipe.overrides = list(overrides)
         validate(recipe)
     except RecipeError as e:
-        raise RecipeError(f"{source}: {str(e).lstrip('.')}") from None
+        raise blame(str(e), source, overrides) from None
     return recipe
 
 
@@ -138,7 +189,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None, method_configs: M
     path = Path(path)
     raw = read_yaml(path.resolve())
     raw = apply_overrides(raw, overrides or [])
-    return recipe_from_dict(raw, method_configs, str(path))
+    return recipe_from_dict(raw, method_configs, str(path), overrides or [])
 
 
 def _check_positive(r: Recipe) -> None:
@@ -201,7 +252,7 @@ def validate(r: Recipe) -> None:
     name = r.run.name
     if not name.strip(".") or "/" in name or "\\" in name or ".." in name:
         # run.name is a directory under run.out_dir: a separator or '..' would write elsewhere
-        raise RecipeError(f".run.name: {name!r} must be a plain directory name (no '/', '\\' or '..')")
+        raise RecipeError(f".run.name: {short(name)} must be a plain directory name (no '/', '\\' or '..')")
 
 
 def check_world_size(r: Recipe, world_size: int) -> None:

@@ -6,6 +6,7 @@ pyproject.toml), so ``mimscale train mae/vit_b16`` works after a plain ``pip ins
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from mimscale.config.typed import RecipeError
@@ -27,6 +28,11 @@ def _candidates(name: str) -> list[Path]:
     return [recipes_root() / n for n in names]
 
 
+def shipped_recipe(name: str) -> Path | None:
+    """The shipped recipe called ``name`` (``mae/cpu_tiny``, with or without ``.yaml``), or None."""
+    return next((c for c in _candidates(name) if c.is_file()), None)
+
+
 def recipe_path(name: str | Path) -> Path:
     """Resolve a recipe given as a file path or as a shipped recipe's name.
 
@@ -39,26 +45,40 @@ def recipe_path(name: str | Path) -> Path:
     p = Path(name)
     if p.is_file():
         return p
-    for c in _candidates(str(name)):
-        if c.is_file():
-            return c
+    shipped = shipped_recipe(str(name))
+    if shipped is not None:
+        return shipped
     raise RecipeError(
         f"{name}: recipe not found (no such file here, and no shipped recipe of that name); "
         f"`mimscale recipes` lists the shipped ones"
     )
 
 
-def list_recipes() -> list[tuple[str, str]]:
-    """Every shipped recipe (not the ``_base`` defaults) as ``(name, one-line summary)``.
+# A header's labelled lines (`# Cost: ...`, `# Launch: ...`) end its opening description.
+_LABEL = re.compile(r"^(Expected|Paper|Cost|Launch|Protocol|Host|Used by)\b[^:]*:")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9`])")
 
-    The summary is the first line of the recipe's header comment.
-    """
+
+def summary(header: list[str]) -> str:
+    """The first whole sentence of a recipe's header comment (which may wrap over lines)."""
+    words: list[str] = []
+    for line in header:
+        text = line.lstrip("#").strip()
+        if not text or (words and _LABEL.match(text)):
+            break
+        words.append(text)
+    return _SENTENCE_END.split(" ".join(words), maxsplit=1)[0]
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    """Every shipped recipe (not the ``_base`` defaults) as ``(name, one-sentence summary)``."""
     root = recipes_root()
     out = []
     for p in sorted(root.rglob("*.yaml")):
         rel = p.relative_to(root)
         if rel.parts[0].startswith("_"):
             continue
-        first = next((ln for ln in p.read_text().splitlines() if ln.startswith("#")), "")
-        out.append((str(rel.with_suffix("")), first.lstrip("# ").strip()))
+        lines = p.read_text().splitlines()
+        header = lines[: next((i for i, ln in enumerate(lines) if not ln.startswith("#")), len(lines))]
+        out.append((str(rel.with_suffix("")), summary(header)))
     return out

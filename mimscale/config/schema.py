@@ -274,6 +274,7 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     method_cfg: Any = field(default=None, metadata=INTERNAL)  # the method's Config instance
     source: str = field(default="<dict>", metadata=INTERNAL)  # the file it came from (errors)
+    overrides: list[str] = field(default_factory=list, metadata=INTERNAL)  # `a.b=c` applied (errors)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain YAML-able data (what is saved beside checkpoints)."""

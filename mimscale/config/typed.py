@@ -7,16 +7,33 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
+import reprlib
 import types
 import typing
 from typing import Any, Literal
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+# The largest magnitude a recipe number may have: 2**53, the largest integer a float holds exactly.
+# Every count, size, rate and seed in a real recipe is far below it; anything above is a typo or an
+# attack, and some (`train.epochs: 1e308`) overflow when a step count is derived from them.
+MAX_NUMBER = float(2**53)
 
 
 class RecipeError(ValueError):
     """A recipe problem, always naming the file and the key path."""
+
+
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = _short.maxlong = 60
+_short.maxlist = _short.maxdict = _short.maxtuple = _short.maxset = 4
+_short.maxlevel = 2
+
+
+def short(value: Any) -> str:
+    """A bounded repr for error messages: never the whole of a value a recipe may make unbounded."""
+    return _short.repr(value)
 
 
 def _describe(tp: Any) -> str:
@@ -45,7 +62,8 @@ def _coerce_scalar(value: Any, tp: Any) -> tuple[bool, Any]:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return True, float(value)
         if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            return True, float(value)  # YAML 1.1 reads `2e-4` (no dot) as a string
+            number = float(value)  # YAML 1.1 reads `2e-4` (no dot) as a string
+            return math.isfinite(number) and abs(number) <= MAX_NUMBER, number
         return False, value
     if tp is str:
         return isinstance(value, str), value
@@ -80,15 +98,19 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         ok, out = _coerce_scalar(value, tp)
         if ok:
             return out
-    raise RecipeError(f"{where}: expected {_describe(tp)}, got {type(value).__name__} {value!r}")
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()) and "float" in _describe(tp):
+        raise RecipeError(f"{where}: {short(value)} is out of range (a finite number, |value| <= 2**53)")
+    raise RecipeError(f"{where}: expected {_describe(tp)}, got {type(value).__name__} {short(value)}")
 
 
 def unknown_key(where: str, key: str, known: list[str]) -> RecipeError:
     """The error for an unknown key, with the nearest known key when one is close."""
     near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f"did you mean {where}.{near[0]}? " if near else ""
+    hint = f"did you mean {f'{where}.{near[0]}'.lstrip('.')}? " if near else ""
     listing = ", ".join(sorted(known))
-    return RecipeError(f"{where}.{key}: unknown key ({hint}known keys of {where or 'the recipe'}: {listing})")
+    return RecipeError(
+        f"{where}.{key}: unknown key ({hint}known keys of {where.lstrip('.') or 'the recipe'}: {listing})"
+    )
 
 
 def settable_fields(cls: type) -> list[str]:
@@ -112,5 +134,5 @@ def build_section(cls: type, raw: Any, where: str) -> Any:
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
-        raise RecipeError(f"{where}: expected a mapping ({cls.__name__}), got {raw!r}")
+        raise RecipeError(f"{where}: expected a mapping ({cls.__name__}), got {short(raw)}")
     return build(cls, raw, where)

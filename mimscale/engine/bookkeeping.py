@@ -121,11 +121,12 @@ class Bookkeeping:
     def _check_compatible(self, saved: Path) -> None:
         """DeepSpeed's state layout depends on the ZeRO stage and the precision: say so plainly
         instead of failing on a missing shard file."""
-        import yaml
+        from mimscale.config.loader import parse_file
 
         if not saved.is_file():
             return
-        old = yaml.safe_load(saved.read_text()).get("train", {})
+        old = parse_file(saved).get("train")  # the preflight already read it (check_resume)
+        old = old if isinstance(old, dict) else {}
         dev = self.dist.device
         for key, now, then in [
             ("train.zero_stage", self.recipe.train.zero_stage, old.get("zero_stage")),
@@ -236,7 +237,9 @@ class Bookkeeping:
         vals = torch.stack([good.float(), *(s.metrics[k].float() for k in keys)]).tolist()  # one sync
         m = {k: v / max(vals[0], 1.0) for k, v in zip(keys, vals[1:], strict=True)}  # mean of good steps
         s.metrics, s.good = {}, None
-        lr = self.engine.get_lr()[0]
+        # Under layer decay each group runs at lr x lr_scale: log the unscaled lr (scale 1: the head),
+        # the schedule optim.lr / blr set, not group 0's (the embeddings', layer_decay**(depth + 1) of it).
+        lr = max(self.engine.get_lr())
         paused, self.paused = self.paused, {k: 0.0 for k in self.paused}
         elapsed = max(elapsed - sum(paused.values()), 1e-9)  # training time only
         ips = steps * self.recipe.train.global_batch / elapsed

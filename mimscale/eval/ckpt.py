@@ -10,6 +10,10 @@ checkpoint already holds the whole module. Every file is read with ``weights_onl
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -40,6 +44,26 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
         f"{p}: not a mimscale checkpoint (expected a run dir, its checkpoints/ dir with a {POINTER} "
         "pointer, or a tag dir holding recipe.yaml)"
     )
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout inside to stderr: Python prints, loggers that hold
+    ``sys.stdout`` (DeepSpeed's), and C++ writes to file descriptor 1 alike.
+
+    ``mimscale eval`` and ``export`` keep stdout for their JSON result (a script parses it);
+    DeepSpeed's ``zero_to_fp32`` prints its progress there.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def method_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,22 @@ def _pool_kwargs(arch: str, pool: str) -> dict[str, Any]:
     return {"global_pool": "token"}
 
 
+def stock_differences(timm_name: str, weights: dict[str, torch.Tensor]) -> list[str]:
+    """The tensors whose name or shape differ from timm's stock ``timm_name`` (empty: a stock shape).
+
+    A CPU-tiny or 12-head ViT-T encoder carries a stock model's name for its family; loading it
+    with ``timm.create_model(timm_name)`` alone then fails on every one of these tensors.
+    """
+    import timm
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        stock = {
+            k: tuple(v.shape) for k, v in timm.create_model(timm_name, num_classes=0).state_dict().items()
+        }
+    ours = {k: tuple(v.shape) for k, v in weights.items()}
+    return sorted(k for k in stock.keys() | ours.keys() if stock.get(k) != ours.get(k))
+
+
 def _chmod_tree(*paths: Path) -> None:
     for p in paths:
         for f in [p] if p.is_file() else [q for q in p.rglob("*") if q.is_file()]:
@@ -120,8 +137,17 @@ def export_encoder(ckpt: str | Path, out: str | Path, hf_dir: str | Path | None 
     model = timm.create_model(enc.timm_name, pretrained_cfg_overlay=dict(num_classes=0, **cfg), **kwargs)
     model.load_state_dict(weights, strict=True)  # refuse to write a file timm cannot load
     ckpt_dir, tag = resolve_checkpoint(ckpt)
+    differ = stock_differences(enc.timm_name, weights)
     meta = {
         "timm_name": enc.timm_name,
+        # stored and printed beside the name: a non-stock shape loads only with timm_kwargs
+        "stock_shape": not differ,
+        "shape_note": (
+            f"NOT the stock {enc.timm_name}: {len(differ)} tensors differ in name or shape "
+            f"(first: {differ[0]}); timm.create_model({enc.timm_name!r}) loads it only with **timm_kwargs"
+            if differ
+            else f"the stock {enc.timm_name} shape"
+        ),
         "timm_kwargs": kwargs,
         "pretrained_cfg": cfg,
         "pool": pool,
@@ -174,12 +200,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="destination .safetensors")
     p.add_argument("--hf", default=None, help="also write the Hugging Face layout into this folder")
     args = p.parse_args(argv)
-    meta = export_encoder(args.ckpt, args.out, args.hf)
+    from mimscale.eval.ckpt import stdout_to_stderr
+
+    with stdout_to_stderr():  # DeepSpeed's consolidation chatter: stdout is the result
+        meta = export_encoder(args.ckpt, args.out, args.hf)
+    if not meta["stock_shape"]:
+        print(f"mimscale export: {meta['shape_note']}", file=sys.stderr)
     kw = ", ".join(f"{k}={v!r}" for k, v in meta["timm_kwargs"].items())
     cfg = ", ".join(f"{k}={v!r}" for k, v in meta["pretrained_cfg"].items())
     print(json.dumps({"out": str(args.out), **meta}))
     print(
-        f"load: timm.create_model({meta['timm_name']!r}, pretrained=True, "
+        f"load{'' if meta['stock_shape'] else ' (non-stock shape: the kwargs are required)'}: "
+        f"timm.create_model({meta['timm_name']!r}, pretrained=True, "
         f"pretrained_cfg_overlay=dict(file={str(args.out)!r}, num_classes=0, {cfg}), {kw})"
     )
     if args.hf:

@@ -97,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     kw.update(knn=not args.no_knn, linear=not args.no_linear, top1=args.top1)
     if args.diagnostics:
         kw["diagnostics"] = [d.strip() for d in args.diagnostics.split(",") if d.strip()]
-    res = run_eval(args.ckpt, args.data, args.train, args.out, **kw)
+    from mimscale.eval.ckpt import stdout_to_stderr
+
+    with stdout_to_stderr():  # DeepSpeed's consolidation chatter and progress bars: stdout is the JSON
+        res = run_eval(args.ckpt, args.data, args.train, args.out, **kw)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print(json.dumps({"ckpt": str(args.ckpt), **res}))
     return 0
