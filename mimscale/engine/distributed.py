@@ -59,7 +59,7 @@ def init_distributed() -> DistInfo:
         local_rank=local_rank,
         device=device,
     )
-    if info.world_size > 1:  # where each rank landed: the first thing to read when a multi-node run misbehaves
+    if info.world_size > 1:  # where each rank landed: what to read first when a multi-node run misbehaves
         print(f"[mimscale] rank {info.rank}/{info.world_size} (local {local_rank}) on {_where()}", flush=True)
     return info
 
