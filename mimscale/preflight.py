@@ -136,7 +136,8 @@ def describe_shape(
     gpus = f" --gpus-per-node {ranks_per_node}"
     lines += [
         f"launch: sbatch --nodes {nodes}{gpus} slurm/pretrain.sbatch {args}",
-        f"  (CPU nodes: NPROC_PER_NODE={ranks_per_node} sbatch --nodes {nodes} slurm/pretrain.sbatch {args})",
+        f"  (CPU nodes: sbatch --nodes {nodes} --export=ALL,NPROC_PER_NODE={ranks_per_node} "
+        f"slurm/pretrain.sbatch {args})",
         f"each node runs: python -m torch.distributed.run --nnodes={nodes} --nproc_per_node={ranks_per_node} "
         f"--rdzv_backend=c10d --rdzv_endpoint=FIRST_NODE:$((20000 + SLURM_JOB_ID % 20000)) "
         f"--module mimscale.train {args}",
