@@ -60,7 +60,9 @@ def init_distributed() -> DistInfo:
         device=device,
     )
     if info.world_size > 1:  # where each rank landed: what to read first when a multi-node run misbehaves
-        print(f"[mimscale] rank {info.rank}/{info.world_size} (local {local_rank}) on {_where()}", flush=True)
+        # one write, newline included: the ranks of a node share one output file
+        line = f"[mimscale] rank {info.rank}/{info.world_size} (local {local_rank}) on {_where()}\n"
+        print(line, end="", flush=True)
     return info
 
 
