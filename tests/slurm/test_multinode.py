@@ -215,3 +215,15 @@ def test_a_node_that_never_joins_fails_the_rendezvous_within_its_timeout(digits,
     text = log.read_text()
     assert info["JobState"] == "FAILED", text[-3000:]
     assert "RendezvousTimeoutError" in text and "[mimscale] rank" not in text
+
+
+def test_too_few_shards_for_the_allocation_is_one_line_before_any_rank(digits, tmp_path) -> None:
+    # 6 shards; 2 nodes x 2 ranks x 2 workers = 8 readers: the batch script's check refuses it.
+    kw = {"data.epoch_mode": "exact", "data.num_workers": 2, "train.micro_batch": 16}
+    jid, log = submit(tmp_path, args_for(digits["train"], tmp_path, "few", **kw), nodes=2, per_node=2)
+    info = wait_done(jid, timeout=300)
+    text = log.read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", text[-3000:]
+    errors = [line for line in text.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "6 shards for 2 nodes x 2 ranks x 2 workers = 8 readers" in errors[0], text
+    assert "start 1" not in text and "[mimscale] rank" not in text
