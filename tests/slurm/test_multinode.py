@@ -120,6 +120,8 @@ def test_two_nodes_one_rank_each_equal_one_node_bitwise(digits, tmp_path, two_no
     assert [r["step"] for r in records(run)] == list(range(1, STEPS + 1))
     one, _ = run_job(tmp_path, args_for(digits["train"], tmp_path, "one1x2"), nodes=1, per_node=2)
     assert [r["loss"] for r in records(one)] == [r["loss"] for r in records(run)]
+    for r in (0, 1):  # resampled epochs (the recipe's): each global rank reads the same stream
+        assert (run / f"keys_rank{r}.txt").read_text() == (one / f"keys_rank{r}.txt").read_text()
     assert_same_weights(run, one)
 
 
