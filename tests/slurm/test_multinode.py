@@ -229,3 +229,17 @@ def test_too_few_shards_for_the_allocation_is_one_line_before_any_rank(digits, t
     errors = [line for line in text.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "6 shards for 2 nodes x 2 ranks x 2 workers = 8 readers" in errors[0], text
     assert "start 1" not in text and "[mimscale] rank" not in text
+
+
+def test_node_count_changes_two_one_two_resume_through_the_universal_checkpoint(digits, tmp_path) -> None:
+    # ZeRO-2 partitions the optimizer state over the ranks: another node count must go through
+    # DeepSpeed's universal checkpoint (engine/checkpoint.py), as on one node.
+    kw = {"train.zero_stage": 2, "data.num_workers": 1}
+    text = ""
+    for nodes, steps in ((2, 2), (1, 4), (2, 6)):
+        args = args_for(digits["train"], tmp_path, "nodes", **kw, **{"train.max_steps": steps})
+        run, text = run_job(tmp_path, args, nodes=nodes, per_node=1)  # one log, appended
+        assert latest(run) == f"step{steps:08d}"
+    assert "world size 2 -> 1" in text and "world size 1 -> 2" in text, text[-4000:]
+    assert text.count("resumed from") == 2
+    assert [r["step"] for r in records(run)] == list(range(1, 7)), "a step was lost or logged twice"
