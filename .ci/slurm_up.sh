@@ -60,8 +60,10 @@ Name=gpu File=/dev/tty[0-1]
 CONFEOF
 rm -f "$CONF/cgroup.conf"
 
-pgrep -x slurmctld > /dev/null || slurmctld
-pgrep -x slurmd > /dev/null || slurmd
+# By pid file, not by name: the two-node cluster of .ci/slurm_2nodes.sh runs daemons of the same names.
+running() { [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2> /dev/null; }
+running /run/slurmctld.pid || slurmctld
+running /run/slurmd.pid || slurmd
 for _ in $(seq 60); do
   if sinfo -h -o %t 2> /dev/null | grep -qE '^(idle|mix|alloc)'; then
     sinfo

@@ -29,6 +29,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.run_dir:  # for scripts (slurm/pretrain.sbatch): where checkpoints will be
         print(Path(r.run.out_dir) / r.run.name)
         return 0
+    if args.nodes is not None or args.gpus_per_node is not None:  # a launch shape: check it, describe it
+        from mimscale.preflight import check_paths, describe_shape
+
+        nodes, per_node = args.nodes or 1, args.gpus_per_node or 1
+        check_paths(r, nodes * per_node, digests=True, nodes=nodes)
+        print(describe_shape(r, args.recipe, args.overrides, nodes, per_node))
+        return 0
     _preflight(r, digests=True)
     print(yaml.safe_dump(r.to_dict(), sort_keys=False))
     return 0
@@ -194,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("recipe")
     s.add_argument("overrides", nargs="*")
     s.add_argument("--run-dir", action="store_true", help="print only the run directory")
+    s.add_argument("--nodes", type=int, help="check this many nodes and print the job's shape")
+    s.add_argument("--gpus-per-node", type=int, help="ranks per node (with --nodes; default 1)")
     s.set_defaults(fn=cmd_check)
 
     s = sub.add_parser("recipes", help="list the shipped recipes")

@@ -151,12 +151,69 @@ def check_resume(recipe: Recipe) -> None:
         ) from None
 
 
-def check_paths(recipe: Recipe, world_size: int = 1, digests: bool = False) -> None:
-    """Raise one :class:`RecipeError` listing every missing data / teacher path of ``recipe``;
-    ``digests`` also hashes a precomputed teacher's target shards (one process of a launch)."""
+def check_paths(recipe: Recipe, world_size: int = 1, digests: bool = False, nodes: int = 1) -> None:
+    """Raise one :class:`RecipeError` listing every missing data / teacher path of ``recipe``, and
+    what ``world_size`` ranks over ``nodes`` nodes make impossible; ``digests`` also hashes a
+    precomputed teacher's target shards (one process of a launch)."""
     check_resume(recipe)
     problems = data_problems(recipe) + manifest_problems(recipe) + teacher_problems(recipe)
     problems += bank_problems(recipe, digests)
-    problems += world_problems(recipe, world_size)
+    if nodes > 1:
+        problems += shape_problems(recipe, nodes, world_size // nodes)
+    else:
+        problems += world_problems(recipe, world_size)
     if problems:
         raise RecipeError(f"{recipe.source}: " + "\n  ".join(problems))
+
+
+def shape_problems(recipe: Recipe, nodes: int, ranks_per_node: int) -> list[str]:
+    """:func:`world_problems` for ``nodes x ranks_per_node`` ranks, worded with the nodes, so that a
+    shape that does not divide is refused in one line before anything is submitted or spawned."""
+    if nodes < 1 or ranks_per_node < 1:
+        return [f"--nodes {nodes} --gpus-per-node {ranks_per_node}: both must be at least 1"]
+    world = nodes * ranks_per_node
+    shape = f"{nodes} nodes x {ranks_per_node} ranks"
+    return [
+        p.replace(f"world_size={world}", f"world_size={world} ({shape})").replace(
+            f"{world} ranks x", f"{shape} x"
+        )
+        for p in world_problems(recipe, world)
+    ]
+
+
+def describe_shape(
+    recipe: Recipe, recipe_arg: str, overrides: list[str], nodes: int, ranks_per_node: int
+) -> str:
+    """What a job of this shape will run: the global batch split, accumulation, shards per rank and
+    the launch lines (``mimscale check --nodes N --gpus-per-node G``). Call after the checks passed."""
+    import shlex
+
+    t, data = recipe.train, recipe.data
+    world = nodes * ranks_per_node
+    workers = max(1, data.num_workers)
+    lines = [
+        f"shape: {nodes} node(s) x {ranks_per_node} rank(s) per node = world size {world}",
+        f"global batch {t.global_batch} = micro_batch {t.micro_batch} x {world} ranks x "
+        f"accumulation {t.global_batch // (t.micro_batch * world)}",
+    ]
+    if data.train and not data_problems(recipe):
+        from mimscale.data.manifest import resolve_source
+
+        src = resolve_source(data.train)
+        n = len(src.urls)
+        how = "each sample once per epoch" if data.epoch_mode == "exact" else "drawn with replacement"
+        lines.append(
+            f"data.train: {n} shards, {n / world:.2f} per rank, {n / (world * workers):.2f} per reader "
+            f"({workers} worker(s) per rank); epoch_mode={data.epoch_mode} ({how})"
+        )
+    args = " ".join(shlex.quote(a) for a in [recipe_arg, *overrides])
+    gpus = f" --gpus-per-node {ranks_per_node}"
+    lines += [
+        f"launch: sbatch --nodes {nodes}{gpus} slurm/pretrain.sbatch {args}",
+        f"  (CPU nodes: sbatch --nodes {nodes} --export=ALL,NPROC_PER_NODE={ranks_per_node} "
+        f"slurm/pretrain.sbatch {args})",
+        f"each node runs: python -m torch.distributed.run --nnodes={nodes} --nproc_per_node={ranks_per_node} "
+        f"--rdzv_backend=c10d --rdzv_endpoint=FIRST_NODE:$((20000 + SLURM_JOB_ID % 20000)) "
+        f"--module mimscale.train {args}",
+    ]
+    return "\n".join(lines)

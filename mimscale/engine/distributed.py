@@ -53,12 +53,24 @@ def init_distributed() -> DistInfo:
             )  # fmt: skip
         else:
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    return DistInfo(
+    info = DistInfo(
         rank=torch.distributed.get_rank(),
         world_size=torch.distributed.get_world_size(),
         local_rank=local_rank,
         device=device,
     )
+    if info.world_size > 1:  # where each rank landed: what to read first when a multi-node run misbehaves
+        # one write, newline included: the ranks of a node share one output file
+        line = f"[mimscale] rank {info.rank}/{info.world_size} (local {local_rank}) on {_where()}\n"
+        print(line, end="", flush=True)
+    return info
+
+
+def _where() -> str:
+    """This host's name, with Slurm's node name when they differ (several slurmd on one host)."""
+    host = socket.gethostname()
+    node = os.environ.get("SLURMD_NODENAME")
+    return host if not node or node == host else f"{host} (slurm node {node})"
 
 
 def all_true(flag: bool, device: torch.device) -> bool:

@@ -15,7 +15,9 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 def job_env(**extra: str) -> dict[str, str]:
     """The submitting environment (sbatch exports it to the job), trimmed of launcher variables."""
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE")
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
+    # SLURM_CONF stays: it names the cluster (the two-node one of test_multinode.py has its own).
+    keep = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
+    env = {k: v for k, v in keep.items() if k not in drop}
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", **extra)
     return env
 
