@@ -164,6 +164,8 @@ DELEGATED = {
     "export": ("mimscale.eval.export", "checkpoint encoder -> timm-keyed .safetensors"),
     "import-weights": ("mimscale.eval.import_weights", "official MAE/SimMIM/CAE v2/LUT weights -> run"),
     "diagnose": ("mimscale.eval.diagnostics", "attention distance, MTO heterogeneity, SV spectrum, RAUC"),
+    "plan": ("mimscale.scaling.plan", "memory per GPU, fit, step time and GPU-hours of each ZeRO setting"),
+    "sweep": ("mimscale.scaling.sweep", "a grid of runs (sizes x methods x ...), and `sweep report DIR`"),
     "precompute-targets": (
         "mimscale.targets.precompute",
         "teacher targets of K views per image -> a bank",
