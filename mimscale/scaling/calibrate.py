@@ -27,7 +27,7 @@ def calibrate(recipe_name: str, overrides: list[str], gpu: Gpu, steps: int = 5) 
     out = run_bench(r, steps, warmup=2)
     flops = out.get("train_flops_per_image")
     if flops is None:
-        from mimscale.scaling.plan import train_flops
+        from mimscale.scaling.memory import train_flops
 
         flops = train_flops(r)[0]
     mfu = flops * out["images_per_s"] / out["world_size"] / (gpu.tflops * 1e12)

@@ -245,3 +245,18 @@ def estimate(
     params, grads, opt = model_states(c, stage, world, bf16)
     act = activation_bytes(stacks_of(recipe), micro, elem, checkpointing, io_bytes(recipe, micro, elem))
     return Memory(params, grads, opt, act, extras_bytes(recipe, c, micro, elem), ds_buffers(c, stage, bf16))
+
+
+def train_flops(recipe: Recipe) -> tuple[float, str]:
+    """FLOPs per image of a training step and where the number comes from."""
+    import torch
+
+    from mimscale.methods import build_method
+    from mimscale.models.flops import block_flops
+
+    with torch.device("meta"):
+        flops = build_method(recipe).train_flops_per_image()
+    if flops is not None:
+        return float(flops), "method.train_flops_per_image"
+    fwd = sum(s.copies * s.depth * block_flops(s.tokens, s.dim, s.mlp_ratio) for s in stacks_of(recipe))
+    return 3.0 * fwd, "3x forward of the method's blocks (counted by plan)"

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from mimscale.config import RecipeError
-from mimscale.scaling.memory import Counts, count_params, estimate, stacks_of
+from mimscale.scaling.memory import Counts, count_params, estimate, train_flops
 
 if TYPE_CHECKING:
     from mimscale.config import Recipe
@@ -81,21 +81,6 @@ def gpu_from_args(a: argparse.Namespace) -> Gpu:
     if a.mfu is not None:
         return Gpu(a.gpu, mem, tf, a.mfu, "--mfu")
     return Gpu(a.gpu, mem, tf, mfu, "assumed")
-
-
-def train_flops(recipe: Recipe) -> tuple[float, str]:
-    """FLOPs per image of a training step and where the number comes from."""
-    import torch
-
-    from mimscale.methods import build_method
-    from mimscale.models.flops import block_flops
-
-    with torch.device("meta"):
-        flops = build_method(recipe).train_flops_per_image()
-    if flops is not None:
-        return float(flops), "method.train_flops_per_image"
-    fwd = sum(s.copies * s.depth * block_flops(s.tokens, s.dim, s.mlp_ratio) for s in stacks_of(recipe))
-    return 3.0 * fwd, "3x forward of the method's blocks (counted by plan)"
 
 
 def images_per_epoch(recipe: Recipe) -> tuple[int, str]:
