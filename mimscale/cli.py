@@ -99,6 +99,10 @@ def launch(cmd: list[str]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.sweep:  # the CPU scaling sweep (mimscale/scaling/demo.py)
+        from mimscale.scaling.demo import run_demo_sweep
+
+        return run_demo_sweep(Path(args.out), args.overrides)
     if args.compare:
         from mimscale.demo.compare import run_compare
 
@@ -215,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["online", "precomputed"],
         default="online",
         help="CAE v2 / MR-MAE: run the teacher every step, or precompute a bank of its targets first",
+    )
+    s.add_argument(
+        "--sweep", action="store_true", help="the CPU scaling sweep (3 sizes x 3 methods), its report"
     )
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_demo)
