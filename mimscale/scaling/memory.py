@@ -25,7 +25,7 @@ tensors autograd keeps for backward, checked against the saved tensors of a real
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mimscale.config import Recipe
@@ -217,15 +217,27 @@ def teacher_params(recipe: Recipe) -> int:
     return int(depth * (12 * width * width + 13 * width) + 3 * patch * patch * width)
 
 
-def count_params(recipe: Recipe) -> Counts:
-    """Exact parameter counts of the recipe's method, built on the meta device (no memory)."""
+def shaped_method(recipe: Recipe) -> Any:
+    """The recipe's method with its real shapes: built on the meta device (no memory), or on the
+    CPU for a method whose construction reads tensor values (CAE v2's drop-path rates)."""
     import torch
 
-    from mimscale.methods import METHODS, build_method
+    from mimscale.methods import build_method
+
+    try:
+        with torch.device("meta"):
+            return build_method(recipe)
+    except (NotImplementedError, RuntimeError):
+        with torch.no_grad():
+            return build_method(recipe)
+
+
+def count_params(recipe: Recipe, method: Any = None) -> Counts:
+    """Exact parameter counts of the recipe's method (``method``: one already built)."""
+    from mimscale.methods import METHODS
     from mimscale.models.ema import MomentumCopy
 
-    with torch.device("meta"):
-        method = build_method(recipe)
+    method = shaped_method(recipe) if method is None else method
     trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in method.parameters() if not p.requires_grad)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in method.modules())
@@ -247,16 +259,23 @@ def estimate(
     return Memory(params, grads, opt, act, extras_bytes(recipe, c, micro, elem), ds_buffers(c, stage, bf16))
 
 
-def train_flops(recipe: Recipe) -> tuple[float, str]:
+def train_flops(recipe: Recipe, method: Any = None) -> tuple[float, str]:
     """FLOPs per image of a training step and where the number comes from."""
-    import torch
-
-    from mimscale.methods import build_method
     from mimscale.models.flops import block_flops
 
-    with torch.device("meta"):
-        flops = build_method(recipe).train_flops_per_image()
+    method = shaped_method(recipe) if method is None else method
+    flops = method.train_flops_per_image()
     if flops is not None:
         return float(flops), "method.train_flops_per_image"
     fwd = sum(s.copies * s.depth * block_flops(s.tokens, s.dim, s.mlp_ratio) for s in stacks_of(recipe))
+    from mimscale.methods import METHODS
+
+    t = recipe.teacher
+    if METHODS[recipe.method].needs_teacher and t.source == "online":  # its forward only, no backward
+        n = (recipe.model.img_size // recipe.model.patch_size) ** 2 + 1
+        teacher = (t.depth or 12) * block_flops(n, t.width or 768)
+        return (
+            3.0 * fwd + teacher,
+            "3x forward of the method's blocks + the teacher's forward (counted by plan)",
+        )
     return 3.0 * fwd, "3x forward of the method's blocks (counted by plan)"

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from mimscale.config import RecipeError
-from mimscale.scaling.memory import Counts, count_params, estimate, train_flops
+from mimscale.scaling.memory import Counts, count_params, estimate, shaped_method, train_flops
 
 if TYPE_CHECKING:
     from mimscale.config import Recipe
@@ -163,8 +163,9 @@ def make_plan(recipe_name: str, overrides: list[str], gpus: int, nodes: int, gpu
     world = gpus * nodes
     if recipe.train.global_batch % world:
         raise RecipeError(f"train.global_batch: {recipe.train.global_batch} does not split over {world} GPUs")
-    counts = count_params(recipe)
-    flops, flops_src = train_flops(recipe)
+    method = shaped_method(recipe)
+    counts = count_params(recipe, method)
+    flops, flops_src = train_flops(recipe, method)
     per_epoch, epoch_src = images_per_epoch(recipe)
     images = recipe.train.epochs * per_epoch
     stages = stages_allowed(path, overrides)

@@ -149,7 +149,8 @@ def check_points(spec: dict[str, Any], pts: list[Point], path: Path) -> None:
             r = load_recipe(recipe_path(p.recipe), point_overrides(spec, p))
         except RecipeError as e:
             raise RecipeError(f"{path}: point {p.name}: {e}") from None
-        c = memory.count_params(r)
+        method = memory.shaped_method(r)
+        c = memory.count_params(r, method)
         t = r.train
         mem = memory.estimate(r, c, t.zero_stage, world, t.micro_batch, t.activation_checkpointing, True)
         usable = gpu.mem_gib * 0.92 - 1.5
@@ -158,7 +159,7 @@ def check_points(spec: dict[str, Any], pts: list[Point], path: Path) -> None:
                 f"{path}: point {p.name} does not fit {world} x {gpu.name}: it needs "
                 f"{mem.total / 2**30:.1f} GiB per GPU, {usable:.1f} GiB usable (see `mimscale plan`)"
             )
-        flops = memory.train_flops(r)[0]
+        flops = memory.train_flops(r, method)[0]
         images = min(t.epochs * images_per_epoch(r)[0], (t.max_steps or 1 << 60) * t.global_batch)
         hours = images * flops / (gpu.tflops * 1e12 * gpu.mfu) / 3600
         p.plan = {"method": r.method + ("+mto" if r.mto.enabled else ""), "params": c.trainable,

@@ -46,6 +46,19 @@ def test_momentum_methods_are_not_offered_zero3(capsys) -> None:
     assert out["params"]["momentum"] > 80e6  # the fp32 momentum encoder + projector is counted
 
 
+def test_a_method_without_its_own_flop_count_is_counted_from_its_blocks(capsys) -> None:
+    """CAE v2 gives no train_flops_per_image: the plan counts its blocks and its online teacher."""
+    from mimscale.models.flops import block_flops
+
+    out = run_plan(capsys, "cae_v2/vit_b16", "--gpus", "8", "--gpu", "H100")
+    enc = 12 * block_flops(98 + 1, 768)  # 196 patches, 98 masked (block mask, ratio 0.5)
+    regressor = 0.0  # cae_v2/vit_b16 supervises cls + visible only: no regressor is built
+    teacher = 12 * block_flops(197, 768)  # CLIP ViT-B/16, forward only
+    assert "teacher" in out["train_flops_source"]
+    assert out["train_flops_per_image"] == pytest.approx(3 * (enc + regressor) + teacher)
+    assert out["params"]["teacher"] > 80e6
+
+
 def test_nothing_fits_says_so(capsys) -> None:
     assert main(["plan", "mae/vit_h14", "--gpus", "1", "--gpu-mem", "4", "--gpu-tflops", "100"]) == 0
     text = capsys.readouterr().out
