@@ -115,11 +115,9 @@ def plot(rows: list[dict[str, Any]], readout: str, png: Path) -> None:
         for r, x, y in zip(pts, xs, ys, strict=True):
             ax.annotate(size_label(r), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
-    ax.set(
-        xlabel="training compute (FLOPs, log)",
-        ylabel=f"{readout} (%)",
-        title=f"{readout} vs training compute",
-    )
+    ax.set(xlabel="training compute (FLOPs, log)", ylabel=f"{readout} (%)")
+    # a figure title, left: the top axis (GPU-hours) takes the axes' title row
+    fig.suptitle(f"{readout} vs training compute", fontsize=10, x=0.02, ha="left")
     if done:
         gh = [r["gpu_hours"] / r["training_flops"] for r in done if r["training_flops"]]
         if gh:  # GPU-hours are proportional to FLOPs at the planned MFU: a second axis says it

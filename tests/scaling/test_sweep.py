@@ -113,3 +113,20 @@ def test_a_directory_of_another_spec_is_refused(tmp_path, digits, capsys) -> Non
     sweep.claim_dir(spec, first, pts)
     other = write_spec(tmp_path, digits, name="other")
     assert "holds the sweep 'grid' of another spec" in refused(capsys, other)
+
+
+def test_the_shipped_cpu_spec_has_nine_points_that_plan(tmp_path) -> None:
+    spec_file = sweep.spec_path("digits_cpu")
+    spec = sweep.read_spec(spec_file)
+    spec["out_dir"] = str(tmp_path / "sweep")
+    pts = sweep.points(spec, spec_file)
+    assert len(pts) == 9 and {p.recipe for p in pts} == {
+        "mae/cpu_tiny",
+        "mto/mae_cpu_tiny",
+        "cae_v2/cpu_tiny",
+    }
+    sweep.check_points(spec, pts, spec_file)
+    assert {p.plan["method"] for p in pts} == {"mae", "mae+mto", "cae_v2"}
+    for method in ("mae", "mae+mto", "cae_v2"):  # compute grows with the student within a method
+        flops = [p.plan["training_flops"] for p in pts if p.plan["method"] == method]
+        assert flops == sorted(flops) and len(flops) == 3
