@@ -1,4 +1,5 @@
-"""Packages: every ``mimscale*`` package, plus ``recipes/`` shipped as ``mimscale.recipes``.
+"""Packages: every ``mimscale*`` package, plus ``recipes/`` shipped as ``mimscale.recipes`` (and
+the sweep specs in ``mimscale/scaling/specs``).
 
 pyproject.toml cannot combine package discovery with a folder mapped from outside the package
 tree, so this one call does it; everything else lives in pyproject.toml.
@@ -18,5 +19,5 @@ RECIPES = [
 setup(
     packages=[*find_packages(include=["mimscale*"]), *RECIPES],
     package_dir={"mimscale.recipes": "recipes"},
-    package_data={name: ["*.yaml"] for name in RECIPES},
+    package_data={**{name: ["*.yaml"] for name in RECIPES}, "mimscale.scaling": ["specs/*.yaml"]},
 )

@@ -106,6 +106,10 @@ def launch(cmd: list[str]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.sweep:  # the CPU scaling sweep (mimscale/scaling/demo.py)
+        from mimscale.scaling.demo import run_demo_sweep
+
+        return run_demo_sweep(Path(args.out), args.overrides)
     if args.compare:
         from mimscale.demo.compare import run_compare
 
@@ -177,6 +181,8 @@ DELEGATED = {
     "export": ("mimscale.eval.export", "checkpoint encoder -> timm-keyed .safetensors"),
     "import-weights": ("mimscale.eval.import_weights", "official MAE/SimMIM/CAE v2/LUT weights -> run"),
     "diagnose": ("mimscale.eval.diagnostics", "attention distance, MTO heterogeneity, SV spectrum, RAUC"),
+    "plan": ("mimscale.scaling.plan", "memory per GPU, fit, step time and GPU-hours of each ZeRO setting"),
+    "sweep": ("mimscale.scaling.sweep", "a grid of runs (sizes x methods x ...), and `sweep report DIR`"),
     "precompute-targets": (
         "mimscale.targets.precompute",
         "teacher targets of K views per image -> a bank",
@@ -228,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["online", "precomputed"],
         default="online",
         help="CAE v2 / MR-MAE: run the teacher every step, or precompute a bank of its targets first",
+    )
+    s.add_argument(
+        "--sweep", action="store_true", help="the CPU scaling sweep (3 sizes x 3 methods), its report"
     )
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_demo)
