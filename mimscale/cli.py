@@ -16,6 +16,7 @@ from typing import Any
 
 from mimscale.config import RecipeError
 from mimscale.config.paths import list_recipes, recipe_path
+from mimscale.engine.rundir import RunDirBusy
 from mimscale.engine.safe_load import UnsafeCheckpointError
 
 
@@ -62,11 +63,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mimscale.registry import load_recipe
 
     # a typo, a missing path or a world the batch / shards cannot split over: before any spawn
-    _preflight(load_recipe(path, args.overrides), max(1, args.nproc))
+    recipe = load_recipe(path, args.overrides)
+    _preflight(recipe, max(1, args.nproc))
     if args.nproc <= 1:
         from mimscale.train import main as train_main
 
         return train_main([str(path), *args.overrides])
+    from mimscale.engine.rundir import claim
+
+    # This command owns the run directory while its ranks run (they die with it): a second
+    # start is refused here, before anything is spawned.
+    lock = claim(Path(recipe.run.out_dir) / recipe.run.name)
     # A fixed default port makes two jobs on one node join each other's rendezvous.
     master_port = getattr(args, "master_port", 0)  # callers with their own parser may lack the flag
     if args.launcher == "torchrun":
@@ -80,15 +87,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         port = master_port or free_port()
         cmd = [shutil.which("deepspeed") or "deepspeed", f"--num_gpus={args.nproc}", f"--master_port={port}"]
     cmd += ["--module", "mimscale.train"]
-    return launch([*cmd, str(path), *args.overrides])
+    try:
+        return launch([*cmd, str(path), *args.overrides])
+    finally:
+        lock.release()
 
 
 def launch(cmd: list[str]) -> int:
     """Run a launcher in its own process group and pass SIGTERM / SIGUSR1 / SIGINT to the whole
-    group: every rank then saves and stops (a launcher alone would not forward SIGUSR1)."""
+    group: every rank then saves and stops (a launcher alone would not forward SIGUSR1).
+
+    The launcher and the ranks die with this process, even by SIGKILL: the kernel kills the
+    launcher (``PR_SET_PDEATHSIG``) and each rank watches this pid (``MIMSCALE_RUN_OWNER``)."""
     import signal
 
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    from mimscale.engine.rundir import OWNER_ENV, kill_with_parent
+
+    env = {**os.environ, OWNER_ENV: str(os.getpid())}
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env, preexec_fn=kill_with_parent)
 
     def forward(signum: int, frame: object) -> None:
         os.killpg(proc.pid, signum)
@@ -273,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"recipe error: {e}", file=sys.stderr)
         return 2
     except UnsafeCheckpointError as e:  # a checkpoint that would run code on load: one line, no trace
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RunDirBusy as e:  # another run writes the run directory
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `mimscale recipes | head`: the reader left early, which is no error

@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
+    from mimscale.engine.rundir import RunDirBusy, die_with_owner
+
+    die_with_owner()  # under `mimscale train --nproc`: no rank outlives that command
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
         recipe = load_recipe(recipe_path(argv[0]), argv[1:])
@@ -43,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = trainer.fit()
     except UnsafeCheckpointError as e:  # resume refused a checkpoint that would run code
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RunDirBusy as e:  # another run writes this run directory: nothing was written
+        if not e.quiet:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except CheckpointSpaceError as e:  # disk full: the last complete checkpoint stays the resume point
         print(f"error: {e.strerror}", file=sys.stderr)

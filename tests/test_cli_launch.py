@@ -96,11 +96,11 @@ def test_nproc_launch_gets_its_own_port(tmp_path: Path, monkeypatch) -> None:
 
     calls: list[list[str]] = []
     monkeypatch.setattr(cli, "launch", lambda cmd: calls.append(cmd) or 0)
-    data = f"data.train={tmp_path}"
-    assert main(["train", "mae/cpu_tiny", "--nproc", "2", data]) == 0
-    assert main(["train", "mae/cpu_tiny", "--nproc", "2", data]) == 0
-    assert main(["train", "mae/cpu_tiny", "--nproc", "2", "--master-port", "29611", data]) == 0
-    assert main(["train", "mae/cpu_tiny", "--nproc", "2", "--launcher", "torchrun", data]) == 0
+    data, out = f"data.train={tmp_path}", f"run.out_dir={tmp_path}"  # the command locks out_dir/name
+    assert main(["train", "mae/cpu_tiny", "--nproc", "2", out, data]) == 0
+    assert main(["train", "mae/cpu_tiny", "--nproc", "2", out, data]) == 0
+    assert main(["train", "mae/cpu_tiny", "--nproc", "2", "--master-port", "29611", out, data]) == 0
+    assert main(["train", "mae/cpu_tiny", "--nproc", "2", "--launcher", "torchrun", out, data]) == 0
     ports = [next(a for a in c if a.startswith("--master_port=")) for c in calls[:3]]
     assert ports[0] != ports[1] and "--master_port=29500" not in ports and ports[2] == "--master_port=29611"
     assert "--standalone" in calls[3]  # torchrun binds a free port itself

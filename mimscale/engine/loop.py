@@ -18,6 +18,7 @@ from mimscale.engine import checkpoint
 from mimscale.engine.distributed import DistInfo, StopRequest, init_distributed
 from mimscale.engine.logger import MetricLogger, format_eta
 from mimscale.engine.optim import apply_recipe_lr, use_bf16
+from mimscale.engine.rundir import hold_run_dir
 from mimscale.engine.setup import (  # noqa: F401  (re-exported for tests and the bench)
     build_engine,
     build_target_provider,
@@ -141,6 +142,8 @@ class Trainer:
 
         self.recipe = recipe
         self.dist: DistInfo = init_distributed()
+        # One writer per run directory (refused in one line otherwise), before anything is written.
+        self.lock = hold_run_dir(Path(recipe.run.out_dir) / recipe.run.name, self.dist)
         # Before the data workers fork, so they inherit the handlers (a signal to the whole
         # process tree must not kill them mid-step).
         self.stop = StopRequest(watch_file=self.dist.rank == 0)
@@ -337,6 +340,7 @@ class Trainer:
             return self._fit()
         finally:
             self.stop.uninstall()  # a process stuck in teardown can be terminated again
+            self.lock.release()
 
     def _fit(self) -> Path:
         t, d = self.recipe.train, self.derived
