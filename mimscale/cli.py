@@ -16,7 +16,7 @@ from typing import Any
 
 from mimscale.config import RecipeError
 from mimscale.config.paths import list_recipes, recipe_path
-from mimscale.engine.rundir import RunDirBusy
+from mimscale.engine.rundir import RunDirBusy, disk_full_line
 from mimscale.engine.safe_load import UnsafeCheckpointError
 
 
@@ -94,24 +94,41 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def launch(cmd: list[str]) -> int:
-    """Run a launcher in its own process group and pass SIGTERM / SIGUSR1 / SIGINT to the whole
-    group: every rank then saves and stops (a launcher alone would not forward SIGUSR1).
+    """Run a launcher in its own session; SIGTERM or SIGUSR1 here asks every rank to save and stop.
+
+    The request goes through the stop file the ranks watch (``MIMSCALE_STOP_FILE``), not as a
+    signal to the launcher: the deepspeed launcher dies of SIGUSR1 and SIGTERMs the ranks itself,
+    torchrun forwards only SIGTERM, and either would end before its ranks have saved. The exit
+    status is the ranks' own (rank 0 writes it to ``MIMSCALE_STATUS_FILE``: 75 after a graceful
+    stop), since torchrun turns every non-zero rank status into 1. SIGINT goes to the whole group.
 
     The launcher and the ranks die with this process, even by SIGKILL: the kernel kills the
     launcher (``PR_SET_PDEATHSIG``) and each rank watches this pid (``MIMSCALE_RUN_OWNER``)."""
     import signal
+    import tempfile
 
-    from mimscale.engine.rundir import OWNER_ENV, kill_with_parent
+    from mimscale.engine.rundir import OWNER_ENV, STATUS_ENV, kill_with_parent, read_status
 
-    env = {**os.environ, OWNER_ENV: str(os.getpid())}
-    proc = subprocess.Popen(cmd, start_new_session=True, env=env, preexec_fn=kill_with_parent)
+    with tempfile.TemporaryDirectory(prefix="mimscale-launch-") as tmp:
+        stop = Path(os.environ.get("MIMSCALE_STOP_FILE") or Path(tmp, "stop"))  # an sbatch's own wins
+        status = Path(tmp, "status")
+        env = {
+            **os.environ, OWNER_ENV: str(os.getpid()), "MIMSCALE_STOP_FILE": str(stop),
+            STATUS_ENV: str(status),
+        }  # fmt: skip
+        proc = subprocess.Popen(cmd, start_new_session=True, env=env, preexec_fn=kill_with_parent)
 
-    def forward(signum: int, frame: object) -> None:
-        os.killpg(proc.pid, signum)
+        def ask_stop(signum: int, frame: object) -> None:
+            stop.write_text(f"{signal.Signals(signum).name} to mimscale train\n")
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, forward)
-    return proc.wait()
+        def interrupt(signum: int, frame: object) -> None:
+            os.killpg(proc.pid, signum)
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, ask_stop)
+        signal.signal(signal.SIGINT, interrupt)
+        rc = proc.wait()
+        return read_status(status, rc)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -297,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `mimscale recipes | head`: the reader left early, which is no error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
+    except OSError as e:  # a full disk: the file it could not write, in one line
+        line = disk_full_line(e, "the run directory")
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -17,16 +17,27 @@ from mimscale.registry import load_recipe
 # Exit status of a run stopped early by a signal or the stop file, its checkpoint written:
 # EX_TEMPFAIL ("try again later"), so `mimscale train ... && next` does not run `next`.
 EXIT_STOPPED = 75
+# Exit status of a run that kept producing non-finite losses after reloading its last good
+# checkpoint (train.nan_patience): retrying the same command would fail the same way.
+EXIT_NONFINITE = 3
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run the recipe; return the exit status, which rank 0 also records for the launching
+    command (``MIMSCALE_STATUS_FILE``: torchrun reports 1 for any failed rank)."""
+    from mimscale.engine.rundir import write_status
+
+    code = _main(list(sys.argv[1:] if argv is None else argv))
+    return write_status(code) if os.environ.get("RANK", "0") == "0" else code
+
+
+def _main(argv: list[str]) -> int:
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the env carries the same.
     argv = [a for a in argv if not a.startswith("--local_rank")]
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    from mimscale.engine.rundir import RunDirBusy, die_with_owner
+    from mimscale.engine.rundir import RunDirBusy, die_with_owner, disk_full_line
 
     die_with_owner()  # under `mimscale train --nproc`: no rank outlives that command
     rank0 = os.environ.get("RANK", "0") == "0"
@@ -38,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"recipe error: {e}", file=sys.stderr)
         return 2
     from mimscale.engine.checkpoint import CheckpointSpaceError
-    from mimscale.engine.loop import Trainer
+    from mimscale.engine.loop import NonFiniteLossError, Trainer
     from mimscale.engine.safe_load import UnsafeCheckpointError
 
     try:
@@ -54,6 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointSpaceError as e:  # disk full: the last complete checkpoint stays the resume point
         print(f"error: {e.strerror}", file=sys.stderr)
         return 1
+    except OSError as e:  # a full disk before or between checkpoints: the file, in one line
+        line = disk_full_line(e, recipe.run.out_dir)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
+    except NonFiniteLossError as e:  # every rank stops at the same step; one line says why
+        if rank0:
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
     if trainer.stopped_by is not None:
         if trainer.dist.rank == 0:
             print(

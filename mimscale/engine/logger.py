@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mimscale.config import Recipe, WandbConfig
+from mimscale.engine.rundir import naming
 
 
 class MetricLogger:
@@ -18,7 +19,8 @@ class MetricLogger:
         self.path = run_dir / "metrics.jsonl"
         self.wandb = None
         if self.enabled:  # run metadata (derived values, teacher provenance) beside the metrics
-            (run_dir / "meta.json").write_text(json.dumps(extra_meta or {}, indent=2, default=str) + "\n")
+            with naming(run_dir / "meta.json"):
+                (run_dir / "meta.json").write_text(json.dumps(extra_meta or {}, indent=2, default=str) + "\n")
         if self.enabled and wandb_on(recipe.wandb):
             config = {**recipe.to_dict(), "meta": extra_meta or {}}
             self.wandb = open_wandb(recipe.wandb, run_dir, recipe.run.name, config)
@@ -27,7 +29,7 @@ class MetricLogger:
         if not self.enabled:
             return
         record = {"time": time.time(), **record}
-        with open(self.path, "a") as f:
+        with naming(self.path), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if console:
             print(console, flush=True)
@@ -61,8 +63,9 @@ class MetricLogger:
             if line.endswith("\n") and rec.get("step", 0) <= step:
                 keep.append(line)
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(keep))
-        tmp.replace(self.path)
+        with naming(self.path):
+            tmp.write_text("".join(keep))
+            tmp.replace(self.path)
 
     def close(self) -> None:
         if self.wandb is not None:

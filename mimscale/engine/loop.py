@@ -18,7 +18,7 @@ from mimscale.engine import checkpoint
 from mimscale.engine.distributed import DistInfo, StopRequest, init_distributed
 from mimscale.engine.logger import MetricLogger, format_eta
 from mimscale.engine.optim import apply_recipe_lr, use_bf16
-from mimscale.engine.rundir import hold_run_dir
+from mimscale.engine.rundir import hold_run_dir, naming
 from mimscale.engine.setup import (  # noqa: F401  (re-exported for tests and the bench)
     build_engine,
     build_target_provider,
@@ -190,7 +190,8 @@ class Trainer:
         self.paused = {"eval_s": 0.0, "ckpt_s": 0.0}
         if self.dist.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_recipe(recipe, self.run_dir / "recipe.yaml")
+            with naming(self.run_dir / "recipe.yaml"):  # a full disk: one line naming the file
+                save_recipe(recipe, self.run_dir / "recipe.yaml")
         meta = {"derived": vars(self.derived), "teacher": getattr(self.targets_fn, "metadata", None)}
         self.logger = MetricLogger(recipe, self.run_dir, self.dist.rank, extra_meta=meta)
         if recipe.run.resume == "auto":

@@ -15,12 +15,15 @@ A lock on a shared file system (NFS, Lustre with ``flock``) covers ranks on seve
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import select
 import signal
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,8 @@ RANKS = ".ranks.lock"
 # Set by `mimscale train --nproc N` for the ranks it launches: its own pid, which holds the
 # owner lock and whose death the ranks follow.
 OWNER_ENV = "MIMSCALE_RUN_OWNER"
+# Where rank 0 writes its exit status, for a caller whose launcher reports its own (torchrun: 1).
+STATUS_ENV = "MIMSCALE_STATUS_FILE"
 
 
 class RunDirBusy(RuntimeError):
@@ -94,8 +99,9 @@ def claim(run_dir: Path) -> RunDirLock:
             f"{run_dir} is in use by {who} (it holds {run_dir / OWNER}); stop that run first, "
             f"or give this one another run.name"
         )
-    os.ftruncate(owner, 0)
-    os.pwrite(owner, (_me() + "\n").encode(), 0)
+    with naming(run_dir / OWNER):
+        os.ftruncate(owner, 0)
+        os.pwrite(owner, (_me() + "\n").encode(), 0)
     ranks = _open(run_dir / RANKS)
     try:
         if not _try_lock(ranks, fcntl.LOCK_EX):  # a killed owner's ranks, not yet gone
@@ -187,3 +193,43 @@ def kill_with_parent() -> None:
 
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
+def write_status(code: int) -> int:
+    """Record this rank-0 exit status where the launching command asked for it; return it."""
+    path = os.environ.get(STATUS_ENV)
+    if path:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{code}\n")
+        os.replace(tmp, path)
+    return code
+
+
+def read_status(path: Path, launcher_rc: int) -> int:
+    """The ranks' exit status when rank 0 recorded a failure or a stop (75), else the launcher's:
+    a crash of rank 0 records nothing, and another rank may have failed after rank 0's 0."""
+    rc = launcher_rc if launcher_rc >= 0 else 128 - launcher_rc  # killed by a signal: 128+N
+    try:
+        return int(path.read_text()) or rc
+    except (OSError, ValueError):
+        return rc
+
+
+@contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Give an ``OSError`` raised in the block the file it was writing, where Python left it
+    out (a buffered write fails at flush or close, without a file name)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
+def disk_full_line(e: OSError, where: Path | str) -> str | None:
+    """The one line for a write that found the disk (or quota) full, or None for other errors."""
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    return f"no space left on device: could not write {e.filename or f'a file under {where}'}"
