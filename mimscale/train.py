@@ -23,12 +23,22 @@ EXIT_NONFINITE = 3
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the recipe; return the exit status, which rank 0 also records for the launching
-    command (``MIMSCALE_STATUS_FILE``: torchrun reports 1 for any failed rank)."""
-    from mimscale.engine.rundir import write_status
+    """Run the recipe; return the exit status.
+
+    Under a command that reads the status itself (``MIMSCALE_STATUS_FILE``: `mimscale train
+    --nproc`, pretrain.sbatch), rank 0 records it there, and an outcome every rank reached
+    together (a stop, 75; non-finite losses, 3; an input error, 2) exits 0 to the launcher:
+    torchrun would print a ChildFailedError traceback and report 1, and the deepspeed launcher
+    would kill the ranks still closing their files.
+    """
+    from mimscale.engine.rundir import STATUS_ENV, write_status
 
     code = _main(list(sys.argv[1:] if argv is None else argv))
-    return write_status(code) if os.environ.get("RANK", "0") == "0" else code
+    if not os.environ.get(STATUS_ENV):
+        return code
+    if os.environ.get("RANK", "0") == "0":
+        write_status(code)
+    return 0 if code in (EXIT_STOPPED, EXIT_NONFINITE, 2) else code
 
 
 def _main(argv: list[str]) -> int:

@@ -99,9 +99,13 @@ def claim(run_dir: Path) -> RunDirLock:
             f"{run_dir} is in use by {who} (it holds {run_dir / OWNER}); stop that run first, "
             f"or give this one another run.name"
         )
-    with naming(run_dir / OWNER):
-        os.ftruncate(owner, 0)
-        os.pwrite(owner, (_me() + "\n").encode(), 0)
+    try:
+        with naming(run_dir / OWNER):
+            os.ftruncate(owner, 0)
+            os.pwrite(owner, (_me() + "\n").encode(), 0)
+    except OSError:
+        os.close(owner)
+        raise
     ranks = _open(run_dir / RANKS)
     try:
         if not _try_lock(ranks, fcntl.LOCK_EX):  # a killed owner's ranks, not yet gone
