@@ -16,6 +16,7 @@ from typing import Any
 
 from mimscale.config import RecipeError
 from mimscale.config.paths import list_recipes, recipe_path
+from mimscale.engine.rundir import RunDirBusy, disk_full_line
 from mimscale.engine.safe_load import UnsafeCheckpointError
 
 
@@ -69,11 +70,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mimscale.registry import load_recipe
 
     # a typo, a missing path or a world the batch / shards cannot split over: before any spawn
-    _preflight(load_recipe(path, args.overrides), max(1, args.nproc))
+    recipe = load_recipe(path, args.overrides)
+    _preflight(recipe, max(1, args.nproc))
     if args.nproc <= 1:
         from mimscale.train import main as train_main
 
         return train_main([str(path), *args.overrides])
+    from mimscale.engine.rundir import claim
+
+    # This command owns the run directory while its ranks run (they die with it): a second
+    # start is refused here, before anything is spawned.
+    lock = claim(Path(recipe.run.out_dir) / recipe.run.name)
     # A fixed default port makes two jobs on one node join each other's rendezvous.
     master_port = getattr(args, "master_port", 0)  # callers with their own parser may lack the flag
     if args.launcher == "torchrun":
@@ -87,22 +94,48 @@ def cmd_train(args: argparse.Namespace) -> int:
         port = master_port or free_port()
         cmd = [shutil.which("deepspeed") or "deepspeed", f"--num_gpus={args.nproc}", f"--master_port={port}"]
     cmd += ["--module", "mimscale.train"]
-    return launch([*cmd, str(path), *args.overrides])
+    try:
+        return launch([*cmd, str(path), *args.overrides])
+    finally:
+        lock.release()
 
 
 def launch(cmd: list[str]) -> int:
-    """Run a launcher in its own process group and pass SIGTERM / SIGUSR1 / SIGINT to the whole
-    group: every rank then saves and stops (a launcher alone would not forward SIGUSR1)."""
+    """Run a launcher in its own session; SIGTERM or SIGUSR1 here asks every rank to save and stop.
+
+    The request goes through the stop file the ranks watch (``MIMSCALE_STOP_FILE``), not as a
+    signal to the launcher: the deepspeed launcher dies of SIGUSR1 and SIGTERMs the ranks itself,
+    torchrun forwards only SIGTERM, and either would end before its ranks have saved. The exit
+    status is the ranks' own (rank 0 writes it to ``MIMSCALE_STATUS_FILE``: 75 after a graceful
+    stop), since torchrun turns every non-zero rank status into 1. SIGINT goes to the whole group.
+
+    The launcher and the ranks die with this process, even by SIGKILL: the kernel kills the
+    launcher (``PR_SET_PDEATHSIG``) and each rank watches this pid (``MIMSCALE_RUN_OWNER``)."""
     import signal
+    import tempfile
 
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    from mimscale.engine.rundir import OWNER_ENV, STATUS_ENV, kill_with_parent, read_status
 
-    def forward(signum: int, frame: object) -> None:
-        os.killpg(proc.pid, signum)
+    with tempfile.TemporaryDirectory(prefix="mimscale-launch-") as tmp:
+        stop = Path(os.environ.get("MIMSCALE_STOP_FILE") or Path(tmp, "stop"))  # an sbatch's own wins
+        status = Path(tmp, "status")
+        env = {
+            **os.environ, OWNER_ENV: str(os.getpid()), "MIMSCALE_STOP_FILE": str(stop),
+            STATUS_ENV: str(status),
+        }  # fmt: skip
+        proc = subprocess.Popen(cmd, start_new_session=True, env=env, preexec_fn=kill_with_parent)
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, forward)
-    return proc.wait()
+        def ask_stop(signum: int, frame: object) -> None:
+            stop.write_text(f"{signal.Signals(signum).name} to mimscale train\n")
+
+        def interrupt(signum: int, frame: object) -> None:
+            os.killpg(proc.pid, signum)
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, ask_stop)
+        signal.signal(signal.SIGINT, interrupt)
+        rc = proc.wait()
+        return read_status(status, rc)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -299,9 +332,18 @@ def main(argv: list[str] | None = None) -> int:
     except UnsafeCheckpointError as e:  # a checkpoint that would run code on load: one line, no trace
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunDirBusy as e:  # another run writes the run directory
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `mimscale recipes | head`: the reader left early, which is no error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
+    except OSError as e:  # a full disk: the file it could not write, in one line
+        line = disk_full_line(e, "the run directory")
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ and the path check that runs before any process is spawned."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 from pathlib import Path
@@ -96,11 +97,11 @@ def test_nproc_launch_gets_its_own_port(tmp_path: Path, monkeypatch) -> None:
 
     calls: list[list[str]] = []
     monkeypatch.setattr(cli, "launch", lambda cmd: calls.append(cmd) or 0)
-    data = f"data.train={tmp_path}"
-    assert main(["train", "mae/cpu_tiny", "--nproc", "2", data]) == 0
-    assert main(["train", "mae/cpu_tiny", "--nproc", "2", data]) == 0
-    assert main(["train", "mae/cpu_tiny", "--nproc", "2", "--master-port", "29611", data]) == 0
-    assert main(["train", "mae/cpu_tiny", "--nproc", "2", "--launcher", "torchrun", data]) == 0
+    data, out = f"data.train={tmp_path}", f"run.out_dir={tmp_path}"  # the command locks out_dir/name
+    assert main(["train", "mae/cpu_tiny", "--nproc", "2", out, data]) == 0
+    assert main(["train", "mae/cpu_tiny", "--nproc", "2", out, data]) == 0
+    assert main(["train", "mae/cpu_tiny", "--nproc", "2", "--master-port", "29611", out, data]) == 0
+    assert main(["train", "mae/cpu_tiny", "--nproc", "2", "--launcher", "torchrun", out, data]) == 0
     ports = [next(a for a in c if a.startswith("--master_port=")) for c in calls[:3]]
     assert ports[0] != ports[1] and "--master_port=29500" not in ports and ports[2] == "--master_port=29611"
     assert "--standalone" in calls[3]  # torchrun binds a free port itself
@@ -108,45 +109,51 @@ def test_nproc_launch_gets_its_own_port(tmp_path: Path, monkeypatch) -> None:
         assert c[c.index("--module") + 1] == "mimscale.train" and c[-1] == data
 
 
-CHILD = r"""
-import os, signal, subprocess, sys, time
-out = sys.argv[1]
-grand = subprocess.Popen([sys.executable, "-c", sys.argv[2], out + ".grand"])
-def got(signum, frame):
-    open(out, "w").write(signal.Signals(signum).name)
-    grand.wait()
-    sys.exit(75)
-signal.signal(signal.SIGUSR1, got)
-open(out + ".ready", "w").close()
-time.sleep(60)
+# A stand-in launcher that reports 1 for any failed rank (as torchrun does) and dies of SIGUSR1
+# (as the deepspeed launcher does): what it does with a signal must not decide the outcome.
+LAUNCHER = r"""
+import signal, subprocess, sys
+def heard(signum, frame):
+    open(sys.argv[1] + ".launcher", "w").write(signal.Signals(signum).name)
+signal.signal(signal.SIGTERM, heard)
+rank = subprocess.Popen([sys.executable, "-c", sys.argv[2], sys.argv[1]])
+sys.exit(1 if rank.wait() else 0)
 """
-GRAND = r"""
-import signal, sys, time
-def got(signum, frame):
-    open(sys.argv[1], "w").write(signal.Signals(signum).name)
-    sys.exit(0)
-signal.signal(signal.SIGUSR1, got)
+# A stand-in rank: stops when the stop file appears, records 75 as rank 0 does, exits 75.
+RANK = r"""
+import os, sys, time
 open(sys.argv[1] + ".ready", "w").close()
-time.sleep(60)
+stop = os.environ["MIMSCALE_STOP_FILE"]
+while not os.path.exists(stop):
+    time.sleep(0.05)
+open(sys.argv[1], "w").write(open(stop).read())
+from mimscale.engine.rundir import write_status
+sys.exit(write_status(75))
 """
 
 
-def test_launch_passes_signals_to_the_whole_launcher_group(tmp_path: Path) -> None:
-    """`mimscale train --nproc N` signalled: the launcher and the ranks under it all hear it."""
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_launch_asks_the_ranks_to_stop_and_returns_their_status(tmp_path: Path, sig: str) -> None:
+    """`mimscale train --nproc N` signalled: the ranks are asked through the stop file (the
+    launcher hears nothing) and the command exits with the ranks' 75, not the launcher's 1
+    (was: 241 / 246 from a launcher killed by the signal, and 1 under torchrun)."""
     import signal
     import sys
     import time
 
-    out = str(tmp_path / "child")
+    out = str(tmp_path / "rank")
     outer = "import sys; from mimscale.cli import launch; sys.exit(launch(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", outer, sys.executable, "-c", CHILD, out, GRAND], cwd=REPO)
+    env = {k: v for k, v in os.environ.items() if k != "MIMSCALE_STOP_FILE"}
+    cmd = [sys.executable, "-c", outer, sys.executable, "-c", LAUNCHER, out, RANK]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
     deadline = time.time() + 60
-    while not (Path(out + ".ready").exists() and Path(out + ".grand.ready").exists()):
-        assert time.time() < deadline, "the launched processes did not start"
+    while not Path(out + ".ready").exists():
+        assert time.time() < deadline and proc.poll() is None, "the launched processes did not start"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
-    assert proc.wait(timeout=60) == 75  # the launcher's own exit status comes back
-    assert Path(out).read_text() == "SIGUSR1" and Path(out + ".grand").read_text() == "SIGUSR1"
+    proc.send_signal(getattr(signal, sig))
+    assert proc.wait(timeout=60) == 75  # the ranks' status, not the launcher's
+    assert Path(out).read_text() == f"{sig} to mimscale train\n"  # the reason reaches the ranks
+    assert not Path(out + ".launcher").exists()
 
 
 def test_output_piped_into_head_is_no_error() -> None:

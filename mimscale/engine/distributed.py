@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +54,8 @@ def init_distributed() -> DistInfo:
             )  # fmt: skip
         else:
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if not single:
+        unlink_shm_buffer(torch.distributed.get_rank())
     info = DistInfo(
         rank=torch.distributed.get_rank(),
         world_size=torch.distributed.get_world_size(),
@@ -71,6 +74,28 @@ def _where() -> str:
     host = socket.gethostname()
     node = os.environ.get("SLURMD_NODENAME")
     return host if not node or node == host else f"{host} (slurm node {node})"
+
+
+def shm_buffer_name(rank: int) -> str:
+    """The /dev/shm name of this rank's buffer for DeepSpeed's CPU shared-memory all-reduce
+    (``shm_initialize`` in DeepSpeed's ``ops/csrc/cpu/comm/shm.cpp``)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def unlink_shm_buffer(rank: int) -> None:
+    """Unlink this rank's shared-memory all-reduce buffer once every rank has mapped it.
+
+    DeepSpeed maps every local rank's buffer while it initialises the process group and never
+    unlinks them, so each killed run left one file per rank in /dev/shm (13 GB once). A mapped
+    buffer outlives its name, as an open file does: with the name gone at start, the kernel
+    frees the memory when the last rank exits, however it exits.
+    """
+    barrier()  # every rank has opened every other rank's buffer (shm_initialize waits for them)
+    try:
+        os.unlink(f"/dev/shm/{shm_buffer_name(rank)}")
+    except FileNotFoundError:  # no shared-memory all-reduce here (GPU, several nodes, not built)
+        pass
 
 
 def all_true(flag: bool, device: torch.device) -> bool:
@@ -127,7 +152,11 @@ class StopRequest:
 
     def local(self) -> bool:
         if self.signal is None and self.stop_file and os.path.exists(self.stop_file):
-            self.signal = f"stop file {self.stop_file}"
+            try:  # `mimscale train --nproc` writes the signal it got; an sbatch only touches it
+                why = Path(self.stop_file).read_text().strip()
+            except OSError:
+                why = ""
+            self.signal = why or f"stop file {self.stop_file}"
         return self.signal is not None
 
     def poll(self) -> bool:

@@ -17,6 +17,7 @@ from mimscale.engine.bookkeeping import Bookkeeping, NonFiniteLossError, TrainSt
 from mimscale.engine.distributed import DistInfo, StopRequest, init_distributed
 from mimscale.engine.logger import MetricLogger
 from mimscale.engine.optim import use_bf16
+from mimscale.engine.rundir import hold_run_dir, naming
 from mimscale.engine.setup import (  # noqa: F401  (re-exported for tests and the bench)
     build_engine,
     build_target_provider,
@@ -108,6 +109,8 @@ class Trainer(Bookkeeping):
 
         self.recipe = recipe
         self.dist: DistInfo = init_distributed()
+        # One writer per run directory (refused in one line otherwise), before anything is written.
+        self.lock = hold_run_dir(Path(recipe.run.out_dir) / recipe.run.name, self.dist)
         # Before the data workers fork, so they inherit the handlers (a signal to the whole
         # process tree must not kill them mid-step).
         self.stop = StopRequest(watch_file=self.dist.rank == 0)
@@ -155,7 +158,8 @@ class Trainer(Bookkeeping):
         self.paused = {"eval_s": 0.0, "ckpt_s": 0.0}
         if self.dist.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_recipe(recipe, self.run_dir / "recipe.yaml")
+            with naming(self.run_dir / "recipe.yaml"):  # a full disk: one line naming the file
+                save_recipe(recipe, self.run_dir / "recipe.yaml")
         meta = {"derived": vars(self.derived), "teacher": getattr(self.targets_fn, "metadata", None)}
         self.logger = MetricLogger(recipe, self.run_dir, self.dist.rank, extra_meta=meta)
         if recipe.run.resume == "auto":
@@ -196,6 +200,7 @@ class Trainer(Bookkeeping):
             return self._fit()
         finally:
             self.stop.uninstall()  # a process stuck in teardown can be terminated again
+            self.lock.release()
 
     def _fit(self) -> Path:
         t, d = self.recipe.train, self.derived

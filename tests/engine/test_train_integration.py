@@ -179,6 +179,10 @@ def test_nan_steps_are_skipped_then_reload_then_stop(digits, tmp_path) -> None:
         text=True,
         timeout=600,
     )
-    assert res.returncode != 0
+    assert res.returncode == 3, res.stdout + res.stderr  # EXIT_NONFINITE, documented
     assert "reloading last good checkpoint" in res.stdout
     assert "consecutive non-finite losses at step" in res.stderr and "step00000004" in res.stderr
+    assert "Traceback" not in res.stderr  # one line says why (was a NonFiniteLossError traceback)
+    assert [ln for ln in res.stderr.splitlines() if ln.startswith("error:")] == [
+        ln for ln in res.stderr.splitlines() if "consecutive non-finite" in ln
+    ]
