@@ -15,9 +15,10 @@ import pytest
 
 # Half the demo (5 epochs: 55 optimizer steps, 22 of them warm-up), one evaluation at the end.
 SHORT = ["train.epochs=5", "eval.every=1000", "data.num_workers=1"]
-# Held-out gains over random init measured at this length (seed 0, see README "The demo"):
-# kNN +KNN_SEEN, linear +LIN_SEEN points. The bars keep a margin for run-to-run noise.
-KNN_GAIN, LINEAR_GAIN = 5.0, 0.5
+# Held-out gains over random init measured at this length (README "The demo"): seed 0 kNN +12.5,
+# linear +2.5 points (seeds 1, 2: +9.2 / +1.1 and +2.8 / +1.7). With optim.blr=0 both are 0.0 and
+# this test fails (checked). The bars leave room for run-to-run noise at the fixed seed.
+KNN_GAIN, LINEAR_GAIN = 5.0, 1.0
 
 
 def gains(out: Path, overrides: list[str]) -> dict[str, Any]:
