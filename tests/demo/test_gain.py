@@ -1,8 +1,9 @@
 """The default demo shows pre-training working: its recipe, shortened, ends above the same encoder
 at random initialisation on both held-out readouts (kNN and linear probe, mean-pooled tokens).
 
-The bars fail when pre-training does nothing: with ``optim.blr=0`` the weights never move, the
-trained encoder is the random one and both gains are exactly 0.
+The bars fail when pre-training does nothing: with a zero learning rate (``optim.blr=1e-30``: the
+recipe refuses 0; 1e-30 steps are lost in fp32 rounding) the trained encoder reads out as the
+random one and both gains are 0.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 # Half the demo (5 epochs: 55 optimizer steps, 22 of them warm-up), one evaluation at the end.
 SHORT = ["train.epochs=5", "eval.every=1000", "data.num_workers=1"]
 # Held-out gains over random init measured at this length (README "The demo"): seed 0 kNN +12.5,
-# linear +2.5 points (seeds 1, 2: +9.2 / +1.1 and +2.8 / +1.7). With optim.blr=0 both are 0.0 and
+# linear +2.5 points (seeds 1, 2: +9.2 / +1.1 and +2.8 / +1.7). With optim.blr=1e-30 both are 0 and
 # this test fails (checked). The bars leave room for run-to-run noise at the fixed seed.
 KNN_GAIN, LINEAR_GAIN = 5.0, 1.0
 
