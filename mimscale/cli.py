@@ -16,6 +16,7 @@ from typing import Any
 
 from mimscale.config import RecipeError
 from mimscale.config.paths import list_recipes, recipe_path
+from mimscale.demo import DEFAULT_METHOD
 from mimscale.engine.rundir import RunDirBusy, disk_full_line
 from mimscale.engine.safe_load import UnsafeCheckpointError
 
@@ -158,6 +159,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+class _DemoHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown (where there is one); the methods epilog kept one per line."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in ("", None, []):
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
+class _DemoHelp(argparse.Action):
+    """``demo --help`` lists the methods, read from the recipes only when asked (it imports torch)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, help: str | None = None):
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from mimscale.demo.run import demo_help
+
+        parser.epilog = demo_help()
+        parser.print_help()
+        parser.exit()
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Train a ``method: finetune`` recipe as ``train`` does (``linprobe``: ``finetune.mode=linprobe``).
 
@@ -247,9 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("recipes", help="list the shipped recipes")
     s.set_defaults(fn=cmd_recipes)
 
-    s = sub.add_parser("demo", help="the whole path on a CPU in minutes (embedded digits data)")
-    s.add_argument("--method", default="mae")
-    s.add_argument("--out", default="runs/demo")
+    s = sub.add_parser(
+        "demo",
+        help="the whole path on a CPU in minutes (embedded digits data)",
+        add_help=False,
+        formatter_class=_DemoHelpFormatter,
+    )
+    s.add_argument("-h", "--help", action=_DemoHelp, help="show this help (and the methods) and exit")
+    s.add_argument("--method", default=DEFAULT_METHOD, help="the method to pre-train (listed below)")
+    s.add_argument(
+        "--out", default="runs/demo", help="the demo directory (data, teacher, one run per method)"
+    )
     s.add_argument(
         "--compare",
         default="",
@@ -260,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--teacher",
         choices=["trained", "random"],
         default="trained",
-        help="CAE v2 / MR-MAE: a supervised digits ViT (default) or a random one (control)",
+        help="CAE v2 / MR-MAE: a supervised digits ViT, or a random one (control)",
     )
     s.add_argument(
         "--targets",
@@ -271,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--sweep", action="store_true", help="the CPU scaling sweep (3 sizes x 3 methods), its report"
     )
-    s.add_argument("overrides", nargs="*")
+    s.add_argument("overrides", nargs="*", help="key.sub=value, applied last (e.g. train.epochs=20)")
     s.set_defaults(fn=cmd_demo)
 
     for name, mode, help_ in (

@@ -74,6 +74,7 @@ def write_digits_shards(
     seed: int = 0,
     fmt: str = "png",
     shard_size: int = 256,
+    validation: bool = False,
 ) -> dict[str, Any]:
     """Write (or reuse) ``out_dir/train`` and ``out_dir/val`` digits shards with manifests.
 
@@ -84,6 +85,9 @@ def write_digits_shards(
         seed: split seed.
         fmt: ``png`` (lossless) or ``jpeg``.
         shard_size: samples per shard (256 gives 6 train and 2 val shards).
+        validation: carve ``val`` out of the train split instead (the same stratified fraction,
+            split seed ``seed + 1``) and leave the held-out images out entirely: for choosing
+            settings without looking at the split the demo reports.
 
     Returns:
         ``{"train": manifest path, "val": manifest path, "num_train", "num_val",
@@ -99,6 +103,7 @@ def write_digits_shards(
         "fmt": fmt,
         "shuffled": True,  # shards mix classes (older caches were written in class order)
         "shard_size": shard_size,
+        **({"validation": True} if validation else {}),  # older caches have no such key
     }
     info = _cached(out, settings)
     if info is not None:
@@ -109,8 +114,16 @@ def write_digits_shards(
     digits = load_digits()
     labels = digits.target.astype(np.int64)
     is_val = _split(labels, val_fraction, seed)
+    train, val = ~is_val, is_val
+    if validation:  # the held-out images are dropped; a second split of the train images is val
+        idx = np.flatnonzero(~is_val)
+        carved = _split(labels[idx], val_fraction, seed + 1)
+        train, val = (
+            np.isin(np.arange(len(labels)), idx[~carved]),
+            np.isin(np.arange(len(labels)), idx[carved]),
+        )
     result: dict[str, Any] = {}
-    for split, sel in (("train", ~is_val), ("val", is_val)):
+    for split, sel in (("train", train), ("val", val)):
         with tempfile.TemporaryDirectory(prefix=f"digits-{split}-") as tmp:
             _write_tree(Path(tmp), digits.images[sel], labels[sel], size, fmt)
             make_shards(
@@ -147,7 +160,7 @@ def _cached(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``mimscale demo-data OUT [--size 32] [--fmt png|jpeg]``; prints the result as JSON."""
+    """``mimscale demo-data OUT [--size 32] [--fmt png|jpeg] [--validation]``; prints the result as JSON."""
     p = argparse.ArgumentParser(prog="mimscale demo-data", description=__doc__.splitlines()[0])
     p.add_argument("out", help="output directory")
     p.add_argument("--size", type=int, default=32)
@@ -155,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fmt", choices=["png", "jpeg"], default="png")
     p.add_argument("--shard-size", type=int, default=256)
+    p.add_argument("--validation", action="store_true", help="val carved out of the train split (for tuning)")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
-    print(json.dumps(write_digits_shards(a.out, a.size, a.val_fraction, a.seed, a.fmt, a.shard_size)))
+    res = write_digits_shards(a.out, a.size, a.val_fraction, a.seed, a.fmt, a.shard_size, a.validation)
+    print(json.dumps(res))
     return 0
 
 

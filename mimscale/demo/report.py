@@ -15,7 +15,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["initial_method", "random_init_results", "readouts", "report"]
+__all__ = ["initial_method", "method_name", "random_init_results", "readouts", "report"]
+
+
+def method_name(recipe: Any) -> str:
+    """The method as a reader should see it: its plug-ins named (``mae + mto``), not just ``mae``."""
+    return " + ".join([recipe.method, *(["mto"] if recipe.mto.enabled else [])])
 
 
 def initial_method(recipe: Any) -> Any:
@@ -107,11 +112,10 @@ def report(
     trained = {k: last[f"eval/{k}"] for k in ("knn_top1", "linear_top1")}
     rand = random_init_results(recipe)
     png = run_dir / "demo_curves.png"
-    _plot(
-        recs, rand, png, f"{recipe.method} on digits ({recipe.model.embed_dim}-d, depth {recipe.model.depth})"
-    )
+    name = method_name(recipe)
+    _plot(recs, rand, png, f"{name} on digits ({recipe.model.embed_dim}-d, depth {recipe.model.depth})")
     res = {
-        "method": recipe.method,
+        "method": name,
         "steps": last["step"],
         "pretrain_seconds": seconds,
         "pool": recipe.eval.pool,
@@ -128,8 +132,8 @@ def report(
     print(f"  {'encoder':<36} {'kNN top-1':>10} {'linear top-1':>13}")
     row = "random init (same weights, step 0)"
     print(f"  {row:<36} {rand['knn_top1']:>9.1f}% {rand['linear_top1']:>12.1f}%")
-    name = f"pre-trained ({recipe.method}, {last['step']} steps)"
-    print(f"  {name:<36} {trained['knn_top1']:>9.1f}% {trained['linear_top1']:>12.1f}%")
+    row = f"pre-trained ({name}, {last['step']} steps)"
+    print(f"  {row:<36} {trained['knn_top1']:>9.1f}% {trained['linear_top1']:>12.1f}%")
     if teacher:
         print(f"  teacher: {teacher}")
     print(f"[mimscale demo] curves: {png}")
@@ -138,6 +142,6 @@ def report(
         print(f"[mimscale demo] reconstructions: {pictures[-1]} (and {len(pictures) - 1} earlier)")
     from mimscale.engine.logger import publish_pngs
 
-    if publish_pngs(run_dir, {"demo/curves": png}, f"{recipe.method} demo"):  # when the run logs to wandb
+    if publish_pngs(run_dir, {"demo/curves": png}, f"{name} demo"):  # when the run logs to wandb
         print("[mimscale demo] curves sent to the run's wandb run")
     return res

@@ -21,13 +21,24 @@ is ``--method <method>``, and a plug-in's ``recipes/<plugin>/<host>_cpu_tiny.yam
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Literal
 
+from mimscale.demo import DEFAULT_METHOD
 from mimscale.registry import METHODS, load_recipe
 
-__all__ = ["DEMO_EVAL", "DEMO_STEPS", "demo_recipes", "describe", "eval_every", "prepare", "run_demo"]
+__all__ = [
+    "DEMO_EVAL",
+    "DEMO_STEPS",
+    "demo_help",
+    "demo_recipes",
+    "describe",
+    "eval_every",
+    "prepare",
+    "run_demo",
+]
 
 TINY = "cpu_tiny.yaml"
 Teacher = Literal["trained", "random"]
@@ -38,7 +49,8 @@ Teacher = Literal["trained", "random"]
 # both readouts).
 DEMO_EVAL = ["eval.at_end=true", "eval.knn=true", "eval.linear=true", "eval.batch_size=512", "eval.pool=mean"]
 # The same for every method: 10 epochs (110 optimizer steps of 128 images) keep the default demo
-# within about 3 minutes on 2 idle cores; the tiny recipes' own 30 epochs are for `mimscale train`.
+# (MAE + MTO) within about 2 minutes on 2 idle cores; the tiny recipes' own 30 epochs are for
+# `mimscale train`.
 DEMO_STEPS = ["train.epochs=10"]
 
 
@@ -79,6 +91,18 @@ def demo_recipes(root: Path | None = None) -> dict[str, str]:
         elif path.name.endswith(f"_{TINY}"):
             plugins[f"{path.name[: -len(TINY) - 1]}_{folder}"] = f"{folder}/{path.name}"
     return {**methods, **plugins}
+
+
+def demo_help(root: Path | None = None) -> str:
+    """``mimscale demo --help``'s list of methods: each name, its recipe and the recipe's first line."""
+    root = _recipe_root() if root is None else root
+    lines = ["methods (--method NAME; the recipes are deltas of recipes/_base/cpu_tiny.yaml):"]
+    for name, rel in demo_recipes(root).items():
+        first = (root / rel).read_text().splitlines()[:1] or [""]
+        about = first[0].removeprefix("# ").split(" on the embedded")[0][:60]
+        default = "  (default)" if name == DEFAULT_METHOD else ""
+        lines.append(f"  {name:<9} {rel:<26} {about}{default}")
+    return "\n".join(lines)
 
 
 def eval_every(recipe: Any, num_train: int, times: int = 5) -> int:
@@ -161,8 +185,19 @@ def prepare(
     return recipe, {"teacher": label, "num_train": paths["num_train"]}
 
 
+def _earlier_run(run_dir: Path) -> int | None:
+    """The last logged step of an earlier run that ``train`` will resume, or None when none."""
+    from mimscale.engine.checkpoint import read_pointer
+
+    metrics = run_dir / "metrics.jsonl"
+    if read_pointer(run_dir / "checkpoints") is None or not metrics.is_file():
+        return None
+    steps = [json.loads(x).get("step", 0) for x in metrics.read_text().splitlines() if x.strip()]
+    return max(steps, default=0)
+
+
 def run_demo(
-    method: str = "mae", out: Path = Path("runs/demo"), overrides: list[str] | None = None,
+    method: str = DEFAULT_METHOD, out: Path = Path("runs/demo"), overrides: list[str] | None = None,
     teacher: Teacher = "trained", targets: str = "online",
 ) -> int:  # fmt: skip
     """Run one method's demo; returns a process exit code."""
@@ -172,14 +207,26 @@ def run_demo(
         return 2
     t0 = time.perf_counter()
     recipe, info = prepare(method, out, overrides, teacher, targets=targets)
-    print(f"[mimscale demo] {method}: {describe(recipe)}")
+    from mimscale.demo.report import method_name, report
+
+    name = method_name(recipe)
+    print(f"[mimscale demo] {name}: {describe(recipe)}")
+    run_dir = Path(recipe.run.out_dir) / recipe.run.name
+    before = _earlier_run(run_dir)
+    if before is not None:  # `train` resumes it: say so, or a finished run looks like a fast one
+        print(f"[mimscale demo] reusing the earlier run in {run_dir} (logged up to step {before}); "
+              f"to start afresh, delete that directory or pass --out ANOTHER_DIR")  # fmt: skip
     from mimscale.engine.loop import train
 
     run_dir = train(recipe)
     seconds = time.perf_counter() - t0
-    print(f"[mimscale demo] {method} finished in {seconds:.0f} s")
+    done = _earlier_run(run_dir) or 0
+    if before is not None and done <= before:
+        print(f"[mimscale demo] {name}: nothing left to train (the run had finished at step {done}); "
+              f"the results below are re-read from it")  # fmt: skip
+    else:
+        trained = f" ({done - before} steps after the earlier {before})" if before is not None else ""
+        print(f"[mimscale demo] {name} finished in {seconds:.0f} s{trained}")
     print(f"[mimscale demo] run directory: {run_dir}  (recipe.yaml, metrics.jsonl, checkpoints/)")
-    from mimscale.demo.report import report
-
     report(recipe, run_dir, seconds, teacher=info["teacher"])  # vs the same encoder at random init
     return 0

@@ -9,22 +9,37 @@ import pytest
 
 
 @pytest.mark.slow
-def test_demo_smoke(tmp_path, capsys) -> None:
+def test_demo_smoke(tmp_path, capsys, monkeypatch) -> None:
+    """The default demo (MAE + MTO) names its plug-in in the table, the JSON and the plot title; a
+    second run in the same directory says it reused the finished run instead of timing 0 steps."""
+    import mimscale.demo.report as report
     from mimscale.demo.run import run_demo
 
-    rc = run_demo(
-        "mae", tmp_path, ["train.max_steps=2", "eval.every=2", "eval.linear_iters=20", "data.num_workers=1"]
+    titles: list[str] = []
+    plot = report._plot
+    monkeypatch.setattr(
+        report, "_plot", lambda recs, rand, out, title: (titles.append(title), plot(recs, rand, out, title))
     )
-    assert rc == 0
-    run = tmp_path / "mae"
+    over = ["train.max_steps=2", "eval.every=2", "eval.linear_iters=20", "data.num_workers=1"]
+    assert run_demo(out=tmp_path, overrides=over) == 0
+    run = tmp_path / "mae_mto"
     res = json.loads((run / "demo_results.json").read_text())
-    assert res["steps"] == 2 and res["pool"] == "mean"
+    assert res["steps"] == 2 and res["pool"] == "mean" and res["method"] == "mae + mto"
     for row in ("random_init", "pretrained"):
         assert set(res[row]) == {"knn_top1", "linear_top1"} and all(0 < v <= 100 for v in res[row].values())
     assert (run / "demo_curves.png").stat().st_size > 0
     evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval/knn_top1" in x]
     assert [e["step"] for e in evals] == [2]
-    assert "random init (same weights, step 0)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "random init (same weights, step 0)" in out and "pre-trained (mae + mto, 2 steps)" in out
+    assert "finished in" in out and "reusing" not in out
+    assert titles and titles[-1].startswith("mae + mto on digits")
+
+    assert run_demo(out=tmp_path, overrides=over) == 0  # again, same directory: nothing to train
+    out = capsys.readouterr().out
+    assert f"reusing the earlier run in {run} (logged up to step 2)" in out and "--out ANOTHER_DIR" in out
+    assert "nothing left to train (the run had finished at step 2)" in out and "finished in" not in out
+    assert json.loads((run / "demo_results.json").read_text())["steps"] == 2
 
 
 @pytest.mark.slow

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from mimscale.demo.run import demo_recipes, run_demo
 from mimscale.registry import load_recipe
 
@@ -62,3 +64,27 @@ def test_every_demo_trains_the_same_student_for_the_same_steps(tmp_path: Path) -
         else:
             assert info["teacher"] is None and "teacher" not in line
     assert shared[1] == 4 and shared[4] == 10 and shared[6] == "mean"
+
+
+def test_demo_help_lists_the_methods_and_defaults(capsys, monkeypatch) -> None:
+    from mimscale.cli import parse_args
+
+    monkeypatch.setenv("COLUMNS", "200")  # argparse wraps to the terminal: keep each help on one line
+    from mimscale.demo import DEFAULT_METHOD
+
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["demo", "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    for name, rel in demo_recipes().items():
+        assert f"  {name} " in out and rel in out
+    assert f"(default: {DEFAULT_METHOD})" in out and "(default: runs/demo)" in out
+    assert "(default: trained)" in out and "(default: online)" in out and "(default: )" not in out
+    assert "MAE + MTO" in out and "mto/mae_cpu_tiny.yaml      MAE + MTO  (default)" in out
+
+
+def test_method_name_names_the_plug_in() -> None:
+    from mimscale.demo.report import method_name
+
+    assert method_name(load_recipe(REPO / "recipes/mto/mae_cpu_tiny.yaml")) == "mae + mto"
+    assert method_name(load_recipe(REPO / "recipes/mae/cpu_tiny.yaml")) == "mae"
