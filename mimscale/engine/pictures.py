@@ -148,9 +148,22 @@ def _eager() -> Any:
 
 def _picture_source(recipe: Any) -> tuple[str, str]:
     """``(recipe key, value)`` of the shards the fixed set comes from."""
-    if recipe.data.val and recipe.teacher.source != "precomputed":
+    if recipe.data.val and recipe.teacher.source != "precomputed" and _readable(recipe.data.val):
         return "data.val", recipe.data.val
     return "data.train", recipe.data.train  # a precomputed teacher's bank covers the train shards
+
+
+def _readable(where: str) -> bool:
+    """Whether ``where`` names shards that exist: a recipe may keep a ``data.val`` that only its
+    evaluation hook (off in this run, or checked by the preflight when on) would read; the picture
+    then takes the training shards rather than stopping the run."""
+    from mimscale.data.manifest import resolve_source
+
+    try:
+        resolve_source(where)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
 
 
 def _leading_shards(source: Any, n: int) -> Any:

@@ -247,3 +247,17 @@ def test_a_picture_does_not_count_a_bad_device_decoded_image_twice() -> None:
     assert reported == ["broken"] and step["keys"] == ["a", "b"]  # the step counts it and drops it
     picture = prepare_batch(first_rows(raw, 2), torch.device("cpu"), torch.float32)
     assert reported == ["broken"] and picture["keys"] == ["a"]  # not counted again
+
+
+def test_a_missing_data_val_falls_back_to_the_training_shards(digits, tmp_path) -> None:
+    """cpu_tiny keeps data.val for its eval hook: a run given only data.train (the hook off) must
+    still draw its pictures, from the training shards, instead of stopping on the missing val."""
+    from types import SimpleNamespace
+
+    from mimscale.engine.pictures import _picture_source
+
+    data = SimpleNamespace(val=str(tmp_path / "nowhere" / "manifest.json"), train=digits["train"])
+    recipe = SimpleNamespace(data=data, teacher=SimpleNamespace(source="online"))
+    assert _picture_source(recipe) == ("data.train", digits["train"])
+    data.val = digits["val"]
+    assert _picture_source(recipe) == ("data.val", digits["val"])
