@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from mimscale.bench.common import emit, recipe_args, sync
+from mimscale.bench.common import emit, mfu, recipe_args, sync
 
 DEFAULT_RECIPE = "mae/vit_b16.yaml"
 # Applied only when no recipe is given: a ViT-S step fits any GPU and runs on a CPU.
@@ -141,8 +141,7 @@ def _report(
     if train_flops is not None:
         out["train_flops_per_image"] = train_flops
         if dist.device.type == "cuda":
-            peak = 989e12 if "H100" in torch.cuda.get_device_name() else float("nan")  # bf16 dense
-            out["mfu"] = train_flops * gb / eng / dist.world_size / peak
+            out.update(mfu(train_flops * gb / eng / dist.world_size, torch.cuda.get_device_name()))
     if dist.device.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["gpu"] = torch.cuda.get_device_name()
