@@ -130,8 +130,8 @@ def run_bench(recipe, steps: int, warmup: int = 2) -> dict[str, Any]:
         out.update(peak_mem_gib=mem_online, gpu=torch.cuda.get_device_name())
         from mimscale.bench.common import mfu
 
-        m = mfu((student_flops + teacher_flops) / online, torch.cuda.get_device_name())
-        out.update(mfu_with_teacher=m.pop("mfu"), **m)
+        util = mfu((student_flops + teacher_flops) / online, torch.cuda.get_device_name())
+        out.update(mfu_with_teacher=util.pop("mfu"), **util)
     out["offload"] = _offload(recipe, provider, step, batch, dev, dtype, steps, warmup, online)
     out["precomputed"] = _precomputed(recipe, provider, step, batch, dev, dtype, steps, warmup)
     return out
