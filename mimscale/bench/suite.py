@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default=None, help="phase timings and profiler tables of the headline cases")
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args(argv)
-    t0, results = time.perf_counter(), {}
+    t0 = time.perf_counter()
+    results: dict[str, Any] = {}
     installed = install_from(a.wheels) if a.wheels else []
     for name, cmd in cases(a):
         reason = _skip_reason(name, a)
