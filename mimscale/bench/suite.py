@@ -1,16 +1,21 @@
 """``mimscale bench suite``: every speed measurement in one command, one JSON file.
 
-    mimscale bench suite [--wheels DIR] [--mae-src DIR] [--out FILE] [--budget-s 450] [--smoke]
+    mimscale bench suite [--wheels DIR] [--mae-src DIR] [--out FILE] [--budget-s 420] [--smoke]
+                         [--profile DIR]
 
 Cases (each in its own process, so one failure or out-of-memory is recorded and the rest run):
-the engine bench (engine/bare, img/s, MFU, peak memory) of ViT-L/16 MAE bf16 at batch 256 per
-ZeRO stage with the recipe's compile setting, eager at ZeRO-1, with activation checkpointing;
-ViT-B/16 MAE, SimMIM-B and ViT-H/14 MAE at micro-batch 64; the CPU decode rate per worker; the
-device decode rate and the real loader's data wait with ``data.decode`` gpu and cpu; the
-peers (official MAE eager and compiled from ``--mae-src``, Hugging Face ``ViTMAEForPreTraining``)
-at the same model, batch and precision. ``--wheels DIR`` first installs what is missing of
+the engine bench (engine/bare, the bare step at bf16 and at fp32 + autocast too, img/s, MFU, peak
+memory) of ViT-L/16 MAE at batch 256 at ZeRO-1 in bf16 and at ZeRO-0/1/2 with
+``train.precision=autocast``, eager at ZeRO-1, bf16 at ZeRO-0/2, with activation checkpointing;
+ViT-B/16 MAE and SimMIM-B; ViT-H/14 MAE at micro-batch 32/64/128 with and without checkpointing
+(``ratios.h14_choice``: the fastest that leaves 10% of an 80 GB GPU free); the CPU decode rate per
+worker; the device decode rate and the real loader's data wait with ``data.decode`` gpu and cpu
+on full-size and short-side-256 shards, at the img/s the ZeRO-1 engine case measured; the peers
+(official MAE eager and compiled from ``--mae-src``, Hugging Face ``ViTMAEForPreTraining``) at
+the same model, batch and precision. ``--profile DIR`` writes phase timings and profiler tables
+of the headline cases to ``DIR/<case>``. ``--wheels DIR`` first installs what is missing of
 mimscale's dependencies from that directory only (no index, nothing downloaded).
-``--smoke`` runs the same cases on tiny models for one step (a CPU end-to-end check).
+``--smoke`` runs the same kinds of case on tiny models for one step (a CPU end-to-end check).
 Cases that would start past ``--budget-s`` (default 420 s; a started case is cut at its
 timeout) are recorded as skipped, so the whole suite ends within 8 minutes.
 """
