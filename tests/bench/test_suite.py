@@ -77,3 +77,30 @@ def test_h14_choice_is_the_fastest_case_that_fits_80_gb() -> None:
     assert c is not None and c["case"] == "mae_h14_mb64_nockpt" and c["peak_mem_gib"] == 70.0
     assert choose_h14({"mae_h14_mb64_ckpt": {"images_per_s": 1.0, "peak_mem_gib": 79.0}})["case"] is None
     assert choose_h14({}) is None
+
+
+def test_summary_and_the_data_wait_at_the_engines_measured_rate(monkeypatch, tmp_path) -> None:
+    """The decode case gets the ZeRO-1 case's measured img/s; the summary carries the engine over
+    the bare step at each precision and the data wait per shard size and decode."""
+    from mimscale.bench import suite
+
+    seen: dict[str, list[str]] = {}
+
+    def fake_case(argv: list[str], timeout: float) -> dict:
+        name = "decode" if "mimscale.bench.decode" in argv else argv[argv.index("engine") + 1]
+        seen[name] = argv
+        if name == "decode":
+            wait = {"overhead": 0.5}
+            return {"loader": {"gpu": wait, "cpu": wait}, "loader_short256": {"gpu": wait, "cpu": wait}}
+        return {"images_per_s": 123.5, "engine_step_s": 2.0, "bare_step_s_by_precision": {"bf16": 1.0}}
+
+    monkeypatch.setattr(suite, "run_case", fake_case)
+    monkeypatch.setattr(suite, "_skip_reason", lambda name, a: None if name.startswith("mae") or
+                        name.startswith("data_device") else "not in this test")  # fmt: skip
+    out = tmp_path / "s.json"
+    assert suite.main(["--smoke", "--out", str(out)]) == 0
+    dec = seen["decode"]
+    assert dec[dec.index("--step-img-s") + 1] == "123.5" and "0,256" in dec
+    r = json.loads(out.read_text())["ratios"]
+    assert r["mae_tiny_zero1_over_bare_bf16"] == 2.0
+    assert r["data_wait_cpu_decode_short256"] == 0.5 and r["data_wait_gpu_decode"] == 0.5
