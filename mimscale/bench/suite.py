@@ -90,10 +90,13 @@ def cases(a: argparse.Namespace) -> list[tuple[str, list[str]]]:
             ("mae_l16_zero2_autocast", [*eng, *l16, "train.zero_stage=2", ac, *steps]),
             ("mae_l16_zero1_eager", [*eng, *l16, "train.zero_stage=1", "train.compile=off", *steps]),
         ]
-        h14 = [  # ViT-H/14 on an 80 GB GPU: peak memory and MFU per micro-batch / checkpointing choice
+        # ViT-H/14 on an 80 GB GPU: peak memory and MFU per micro-batch / checkpointing choice;
+        # one bare copy only (its weights and AdamW state are resident too: peak_mem_gib is an
+        # upper bound of the engine's own).
+        h14 = [
             (f"mae_h14_mb{mb}_{'ckpt' if ck else 'nockpt'}",
              [*eng, "mae/vit_h14.yaml", f"train.global_batch={mb}", f"train.micro_batch={mb}",
-              f"train.activation_checkpointing={str(ck).lower()}", *steps])
+              f"train.activation_checkpointing={str(ck).lower()}", *steps[:2]])
             for mb, ck in ((64, True), (64, False), (128, True), (32, False))
         ]  # fmt: skip
     peers = [sys.executable, "-m", "mimscale.bench.peers"]
