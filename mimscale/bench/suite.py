@@ -66,8 +66,8 @@ def cases(a: argparse.Namespace) -> list[tuple[str, list[str]]]:
     if a.smoke:
         tiny = ["mae/cpu_tiny.yaml", "train.global_batch=8", "train.micro_batch=8"]
         out = [(f"mae_tiny_zero{z}", [*eng, *tiny, f"train.zero_stage={z}", *steps]) for z in (0, 1, 2)]
-        out.append(("mae_tiny_zero1_autocast", [*eng, *tiny, "train.precision=autocast", *steps,
-                                                *prof("mae_tiny_zero1_autocast")]))  # fmt: skip
+        ac_tiny = [*tiny, "train.zero_stage=1", "train.precision=autocast"]
+        out.append(("mae_tiny_zero1_autocast", [*eng, *ac_tiny, *steps, *prof("mae_tiny_zero1_autocast")]))
         out.append(("mae_tiny_ckpt", [*eng, *tiny, "train.activation_checkpointing=true", *steps]))
         out.append(("simmim_tiny", [*eng, "simmim/cpu_tiny.yaml", "train.global_batch=8",
                                     "train.micro_batch=8", *steps]))  # fmt: skip
