@@ -15,7 +15,8 @@ step (:func:`mimscale.engine.loop.train_step`) on one synthetic micro-batch (acc
   ``none``; per encoding the fidelity (per-token cosine, PCA explained variance), bytes per view,
   the storage for ImageNet-1k at K = 1, 10, 100, and one data worker's target-read rate.
 - FLOPs counted by ``torch.utils.flop_counter`` (student forward + backward and teacher forward);
-  on GPU also images/s, peak memory and MFU counting the teacher's FLOPs (H100 bf16 dense 989 TF/s).
+  on GPU also images/s, peak memory and MFU counting the teacher's FLOPs (the GPU's bf16 dense peak,
+  :data:`mimscale.bench.common.PEAK_BF16`; null with ``mfu_unknown`` for a GPU not in it).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 
-H100_BF16_FLOPS = 989e12
 TEACHER_SEED = 1234
 
 
@@ -129,7 +129,10 @@ def run_bench(recipe, steps: int, warmup: int = 2) -> dict[str, Any]:
     out["images_per_s"] = n / online
     if dev.type == "cuda":
         out.update(peak_mem_gib=mem_online, gpu=torch.cuda.get_device_name())
-        out["mfu_with_teacher"] = (student_flops + teacher_flops) / online / H100_BF16_FLOPS
+        from mimscale.bench.common import mfu
+
+        util = mfu((student_flops + teacher_flops) / online, torch.cuda.get_device_name())
+        out.update(mfu_with_teacher=util.pop("mfu"), **util)
     out["offload"] = _offload(recipe, provider, step, batch, dev, dtype, steps, warmup, online)
     out["precomputed"] = _precomputed(recipe, provider, step, batch, dev, dtype, steps, warmup)
     return out

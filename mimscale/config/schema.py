@@ -123,7 +123,9 @@ class TrainConfig:
     global_batch: int = 4096
     micro_batch: int = 64  # per rank; accumulation = global / (micro * world)
     zero_stage: int = 1
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # auto: bf16 on GPU, fp32 on CPU; autocast: fp32 parameters and optimizer, bf16 matmuls
+    # (DeepSpeed's own torch_autocast mode, engine/optim.py::deepspeed_config).
+    precision: Literal["auto", "bf16", "fp32", "autocast"] = "auto"
     activation_checkpointing: bool = False
     # Regional torch.compile of every transformer block: auto (on for CUDA, off on CPU where the
     # compile time is not paid back), true or false (YAML reads on/off as booleans too).

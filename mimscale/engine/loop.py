@@ -90,7 +90,7 @@ def _skip_if(opt: torch.optim.Optimizer | None, bad: torch.Tensor) -> None:
     """Make the coming optimizer step a no-op when ``bad`` is set."""
     if opt is None:
         return
-    if opt.defaults.get("fused"):
+    if opt.defaults.get("fused") or getattr(opt, "takes_found_inf", False):  # LARS: optim.py
         opt.found_inf = bad  # type: ignore[attr-defined]  # read by the fused kernel on the device
     elif bool(bad):  # host read, once per step (LARS has no found_inf): lr 0, no gradient
         for g in opt.param_groups:  # the schedule sets every group's lr again after the step

@@ -94,8 +94,6 @@ def build_optimizer(model: nn.Module, r: Recipe, d: Derived, device: torch.devic
     for g in groups:
         g["lr"] = d.lr * g["lr_scale"]
     if r.optim.optimizer == "lars":
-        from timm.optim import Lars
-
         # MAE's LARS adapts (and decays) only the ndim > 1 weights (timm merges groups at wd 0).
         split = []
         for g in groups:
@@ -103,7 +101,7 @@ def build_optimizer(model: nn.Module, r: Recipe, d: Derived, device: torch.devic
                 ps = [p for p in g["params"] if (p.ndim > 1) == adapt]
                 if ps:
                     split.append({**g, "params": ps, "always_adapt": adapt})
-        opt: torch.optim.Optimizer = Lars(split, lr=d.lr, momentum=0.9)
+        opt: torch.optim.Optimizer = _skipping_lars()(split, lr=d.lr, momentum=0.9)
     else:
         b1, b2 = r.optim.betas
         # Fused on every device: it takes the loop's device-side non-finite flag (found_inf) and skips
@@ -111,6 +109,28 @@ def build_optimizer(model: nn.Module, r: Recipe, d: Derived, device: torch.devic
         opt = torch.optim.AdamW(groups, lr=d.lr, betas=(b1, b2), eps=r.optim.eps, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, r, d))
     return opt, sched
+
+
+def _skipping_lars() -> Any:
+    """timm's LARS, skipping its step when the loop's non-finite flag ``found_inf`` is set, as the
+    fused AdamW does on the device (here: one host read per step).
+
+    The loop's earlier fallback (lr 0, gradients zeroed before ``engine.step``) let a NaN step
+    through under ZeRO-1/2: DeepSpeed writes the flat fp32 gradients inside its own step, after
+    the zeroing, and ``0 * NaN`` is NaN (tests/engine/test_autocast.py).
+    """
+    from timm.optim import Lars
+
+    class SkippingLars(Lars):
+        takes_found_inf = True
+
+        def step(self, closure=None):
+            found_inf = getattr(self, "found_inf", None)
+            if found_inf is not None and bool(found_inf):
+                return None
+            return super().step(closure)
+
+    return SkippingLars
 
 
 def apply_recipe_lr(sched: torch.optim.lr_scheduler.LambdaLR, r: Recipe, d: Derived) -> tuple[float, float]:
@@ -139,9 +159,20 @@ def apply_recipe_lr(sched: torch.optim.lr_scheduler.LambdaLR, r: Recipe, d: Deri
 
 
 def use_bf16(r: Recipe, device: torch.device) -> bool:
+    """bf16 parameters (DeepSpeed's ``bf16`` mode): ``train.precision`` bf16, or auto on CUDA."""
     if r.train.precision == "auto":
         return device.type == "cuda"
     return r.train.precision == "bf16"
+
+
+def use_autocast(r: Recipe) -> bool:
+    """``train.precision: autocast``: fp32 parameters, gradients and optimizer (the fp32 path's
+    state and checkpoint layout), bf16 matmuls and convolutions under ``torch.autocast`` entered by
+    DeepSpeed's engine forward. DeepSpeed's bf16 mode instead keeps bf16 parameters beside fp32
+    master copies, and its optimizer casts, norms and copies every parameter tensor each step:
+    on an H200 (ViT-L/16 MAE b256, ZeRO-0) that optimizer step alone took 142 ms, a whole
+    autocast step 97 ms (issue 24)."""
+    return r.train.precision == "autocast"
 
 
 def use_compile(r: Recipe, device: torch.device) -> bool:
@@ -200,7 +231,7 @@ def deepspeed_config(r: Recipe, d: Derived, device: torch.device) -> dict[str, A
     # DeepSpeed routes bf16 + ZeRO-1 to its BF16 optimizer, which always computes the norm.
     if clip == 0.0 and (t.zero_stage == 2 or (t.zero_stage == 1 and not bf16)):
         zero["compute_grad_norm"] = False
-    return {
+    out: dict[str, Any] = {
         "train_batch_size": t.global_batch,
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": d.grad_accum,
@@ -211,3 +242,8 @@ def deepspeed_config(r: Recipe, d: Derived, device: torch.device) -> dict[str, A
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if use_autocast(r):
+        # DeepSpeed wraps its forward in torch.autocast and reduces the gradients of Linear/Conv
+        # weights in bf16 (its lower_precision_safe_modules default), as the bf16 mode does.
+        out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return out

@@ -88,3 +88,11 @@ def test_engine_bench_alternates_several_stages_and_reports_the_spread() -> None
         q1, med, q3 = rep["engine_overhead_ratio_quartiles"]
         assert 0 < q1 <= med <= q3
     assert len({rep["bare_step_s"] for rep in r["stages"].values()}) == 1  # one bare series for all
+
+
+def test_unknown_bare_precision_is_one_line_and_exit_2(capsys) -> None:
+    from mimscale.bench.engine import main
+
+    assert main(["mae/cpu_tiny.yaml", "--bare", "bf16,fp16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mimscale bench: --bare 'fp16': use bf16, autocast or fp32"]
