@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from slurm_helpers import REPO, sbatch, wait_done, wait_for
-from test_slurm import fp32, latest, records, started
+from test_slurm import fp32, latest, records, started, train_args
 
 CONF = "/etc/slurm-2nodes/slurm.conf"
 PRETRAIN = str(REPO / "slurm/pretrain.sbatch")
@@ -55,21 +55,8 @@ def cluster2():
 
 
 def args_for(data: str, out: Path, name: str, **kw) -> list[str]:
-    base = {
-        "data.train": data,
-        "run.out_dir": str(out),
-        "run.name": name,
-        "run.deterministic": True,
-        "train.log_every": 1,
-        "train.ckpt_every": 1000,  # only the end (or a preemption) writes a checkpoint
-        "train.log_keys": True,
-        "train.max_steps": STEPS,
-        "train.global_batch": 64,
-        "train.micro_batch": 32,
-        "data.num_workers": 0,
-    }
-    base.update(kw)
-    return ["mae/cpu_tiny", *(f"{k}={v}" for k, v in base.items())]
+    """The one-node tests' arguments (test_slurm.train_args), with this module's step count."""
+    return train_args({"train": data}, out, name, **{"train.max_steps": STEPS, **kw})
 
 
 def submit(tmp: Path, args: list[str], nodes: int, per_node: int) -> tuple[str, Path]:
