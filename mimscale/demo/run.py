@@ -84,10 +84,10 @@ def demo_recipes(root: Path | None = None) -> dict[str, str]:
         folder = path.parent.name
         if folder.startswith("_"):  # _base/cpu_tiny.yaml is a base, not a runnable recipe
             continue
+        if folder in METHODS and METHODS[folder].can_predict:
+            continue  # pre-training only: fine-tuning / probing (a classifier) needs a checkpoint
         if path.name == TINY:
-            # pre-training methods only: fine-tuning (a method with a classifier) needs a checkpoint
-            if not (folder in METHODS and METHODS[folder].can_predict):
-                methods[folder] = f"{folder}/{path.name}"
+            methods[folder] = f"{folder}/{path.name}"
         elif path.name.endswith(f"_{TINY}"):
             plugins[f"{path.name[: -len(TINY) - 1]}_{folder}"] = f"{folder}/{path.name}"
     return {**methods, **plugins}
