@@ -3,8 +3,8 @@
 A copy from pageable host memory is synchronous on a GPU (the benchmark once paid 5 ms per step
 for one). No GPU here, so the step runs with its device being ``meta``: every op that reads a
 host tensor and writes a device tensor is a host-to-device copy. Each must be of a tensor the
-loader pins (the batch's ``views``, ``mask``, ``labels``: ``pin_memory`` on a CUDA machine) and
-asynchronous (``non_blocking``); a tensor built on the host inside the step and then moved (a
+loader pins (the batch's ``views``, ``mask``, ``mask_noise``, ``labels``: ``pin_memory`` on a
+CUDA machine pins every tensor of the batch) and asynchronous (``non_blocking``); a tensor built on the host inside the step and then moved (a
 per-step ``torch.tensor(...).to(device)``) fails here.
 """
 
@@ -59,7 +59,7 @@ class MetaEngine:
 
 
 def _pinned_by_loader(batch: dict[str, Any]) -> list[torch.Tensor]:
-    return [*batch["views"], *(batch[k] for k in ("mask", "labels") if k in batch)]
+    return [*batch["views"], *(batch[k] for k in ("mask", "mask_noise", "labels") if k in batch)]
 
 
 @pytest.mark.parametrize("recipe", ["mae/cpu_tiny.yaml", "simmim/cpu_tiny.yaml"])
