@@ -4,8 +4,9 @@ A copy from pageable host memory is synchronous on a GPU (the benchmark once pai
 for one). No GPU here, so the step runs with its device being ``meta``: every op that reads a
 host tensor and writes a device tensor is a host-to-device copy. Each must be of a tensor the
 loader pins (the batch's ``views``, ``mask``, ``mask_noise``, ``labels``: ``pin_memory`` on a
-CUDA machine pins every tensor of the batch) and asynchronous (``non_blocking``); a tensor built on the host inside the step and then moved (a
-per-step ``torch.tensor(...).to(device)``) fails here.
+CUDA machine pins every tensor of the batch) and asynchronous (``non_blocking``); a tensor built
+on the host inside the step and then moved (a per-step ``torch.tensor(...).to(device)``) fails
+here.
 """
 
 from __future__ import annotations
