@@ -33,6 +33,7 @@ def init_distributed() -> DistInfo:
     """
     import deepspeed
 
+    skip_cpu_shm_allreduce()
     single = "RANK" not in os.environ  # no launcher: a world of one
     # DeepSpeed's engine reads LOCAL_RANK from the environment. The rendezvous of a world of one
     # is passed explicitly rather than through RANK/MASTER_PORT env vars, which child processes
@@ -54,8 +55,6 @@ def init_distributed() -> DistInfo:
             )  # fmt: skip
         else:
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    if not single:
-        unlink_shm_buffer(torch.distributed.get_rank())
     info = DistInfo(
         rank=torch.distributed.get_rank(),
         world_size=torch.distributed.get_world_size(),
@@ -76,26 +75,28 @@ def _where() -> str:
     return host if not node or node == host else f"{host} (slurm node {node})"
 
 
-def shm_buffer_name(rank: int) -> str:
-    """The /dev/shm name of this rank's buffer for DeepSpeed's CPU shared-memory all-reduce
-    (``shm_initialize`` in DeepSpeed's ``ops/csrc/cpu/comm/shm.cpp``)."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+def skip_cpu_shm_allreduce() -> None:
+    """Keep DeepSpeed from compiling and mapping its CPU shared-memory all-reduce.
 
-
-def unlink_shm_buffer(rank: int) -> None:
-    """Unlink this rank's shared-memory all-reduce buffer once every rank has mapped it.
-
-    DeepSpeed maps every local rank's buffer while it initialises the process group and never
-    unlinks them, so each killed run left one file per rank in /dev/shm (13 GB once). A mapped
-    buffer outlives its name, as an open file does: with the name gone at start, the kernel
-    frees the memory when the last rank exits, however it exits.
+    On a CPU, DeepSpeed's ``TorchBackend`` compiles that op when it sets up the process group
+    (45-100 s on 2 cores, again in each new virtual environment: a new user's first run paid
+    it) and maps one /dev/shm buffer per local rank that it never unlinks (13 GB once, from
+    killed runs). The op serves only ``inference_all_reduce``, which training never calls and
+    which falls back to torch.distributed without it. DeepSpeed keeps its op registry as one
+    module-level dict whose edits persist (``deepspeed.ops.__compatible_ops__``); an op marked
+    incompatible there is one DeepSpeed does not build. Call before DeepSpeed sets up its
+    communication; a no-op where the accelerator is not the CPU.
     """
-    barrier()  # every rank has opened every other rank's buffer (shm_initialize waits for them)
-    try:
-        os.unlink(f"/dev/shm/{shm_buffer_name(rank)}")
-    except FileNotFoundError:  # no shared-memory all-reduce here (GPU, several nodes, not built)
-        pass
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    if accel.device_name() != "cpu":
+        return
+    builder = accel.create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def all_true(flag: bool, device: torch.device) -> bool:

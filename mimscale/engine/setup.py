@@ -113,6 +113,9 @@ def build_engine(method: torch.nn.Module, r: Recipe, d: Derived, device: torch.d
     trainer and the benchmark alike)."""
     import deepspeed
 
+    from mimscale.engine.distributed import skip_cpu_shm_allreduce
+
+    skip_cpu_shm_allreduce()  # where no process group was set up yet (deepspeed.initialize does it)
     method.to(device)
     if use_compile(r, device):
         from mimscale.models.vit import compile_blocks

@@ -376,6 +376,9 @@ def _world_of_one(device: torch.device) -> None:
                 f"(found one of {torch.distributed.get_world_size()} ranks)"
             )
         return
+    from mimscale.engine.distributed import skip_cpu_shm_allreduce
+
+    skip_cpu_shm_allreduce()  # before deepspeed.initialize sets up its communication
     backend = "nccl" if device.type == "cuda" else "gloo"
     os.environ.setdefault("LOCAL_RANK", str(device.index or 0))  # DeepSpeed's engine reads it
     torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
