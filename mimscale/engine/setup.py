@@ -114,6 +114,7 @@ def build_engine(method: torch.nn.Module, r: Recipe, d: Derived, device: torch.d
     import deepspeed
 
     from mimscale.engine.distributed import skip_cpu_shm_allreduce
+    from mimscale.engine.flat_grads import keep_flat_grad_partition
 
     skip_cpu_shm_allreduce()  # where no process group was set up yet (deepspeed.initialize does it)
     method.to(device)
@@ -129,6 +130,7 @@ def build_engine(method: torch.nn.Module, r: Recipe, d: Derived, device: torch.d
         # DeepSpeed's own switch (its pipeline engine turns it off too): a world of one has
         # nothing to all-reduce, yet allreduce_no_retain would flatten and copy every gradient.
         engine.enable_backward_allreduce = False
+    keep_flat_grad_partition(engine.optimizer)  # ZeRO-1/2 on a CPU: no fresh flat gradient per step
     if use_bf16(r, device):
         cast_buffers_bf16(engine.module)
     return engine
