@@ -18,7 +18,9 @@ PEAK_BF16: tuple[tuple[str, float], ...] = (
     ("H200 NVL", 835e12),
     ("H100", 989e12),  # SXM5: "NVIDIA H100 80GB HBM3"
     ("H200", 989e12),  # SXM: "NVIDIA H200"
-    ("A100", 312e12),  # SXM4 and PCIe alike
+    ("A100", 312e12),  # SXM4 and PCIe alike; before "A10", which it contains
+    ("L40S", 362e12),
+    ("A10", 125e12),
 )
 
 

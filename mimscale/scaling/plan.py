@@ -16,22 +16,34 @@ import json
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from mimscale.bench.common import peak_bf16_flops
 from mimscale.config import RecipeError
 from mimscale.scaling.memory import Counts, count_params, estimate, shaped_method, train_flops
 
 if TYPE_CHECKING:
     from mimscale.config import Recipe
 
-# name -> (memory GiB, dense bf16 peak TFLOP/s, assumed MFU). The MFUs are assumptions for a ViT
-# pre-training step (MAE-style, bf16, compiled blocks), printed with every plan; --calibrate measures.
-GPUS: dict[str, tuple[float, float, float]] = {
-    "H200": (141.0, 989.0, 0.35),
-    "H100": (80.0, 989.0, 0.35),
-    "A100-80GB": (80.0, 312.0, 0.45),
-    "A100-40GB": (40.0, 312.0, 0.45),
-    "L40S": (48.0, 362.0, 0.35),
-    "A10": (24.0, 125.0, 0.40),
+# name -> (memory GiB, assumed MFU); the dense bf16 peak is the benchmarks' (bench.common.PEAK_BF16,
+# matched by name). The MFUs are assumptions for a ViT pre-training step (MAE-style, bf16, compiled
+# blocks), printed with every plan; --calibrate measures.
+GPUS: dict[str, tuple[float, float]] = {
+    "H200": (141.0, 0.35),
+    "H100": (80.0, 0.35),
+    "A100-80GB": (80.0, 0.45),
+    "A100-40GB": (40.0, 0.45),
+    "L40S": (48.0, 0.35),
+    "A10": (24.0, 0.40),
 }
+
+
+def peak_tflops(name: str) -> float:
+    """Dense bf16 TFLOP/s of a GPU in :data:`GPUS` (from the benchmarks' peak table)."""
+    peak, why = peak_bf16_flops(name)
+    if peak is None:
+        raise RecipeError(f"--gpu {name}: {why}")
+    return peak / 1e12
+
+
 # Memory kept free of the plan: the CUDA context and the caching allocator's fragmentation.
 RESERVE_GIB = 1.5
 USABLE = 0.92
@@ -77,7 +89,8 @@ def gpu_from_args(a: argparse.Namespace) -> Gpu:
         raise RecipeError(
             f"--gpu: unknown GPU {a.gpu!r} (have: {', '.join(GPUS)}; or --gpu-mem/--gpu-tflops)"
         )
-    mem, tf, mfu = GPUS[a.gpu]
+    mem, mfu = GPUS[a.gpu]
+    tf = peak_tflops(a.gpu)
     if a.mfu is not None:
         return Gpu(a.gpu, mem, tf, a.mfu, "--mfu")
     return Gpu(a.gpu, mem, tf, mfu, "assumed")

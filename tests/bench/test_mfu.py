@@ -19,6 +19,8 @@ from mimscale.bench.common import mfu, peak_bf16_flops
         ("NVIDIA H100 PCIe", 756e12),  # contains "H100": the PCIe part must win
         ("NVIDIA H200", 989e12),  # the name the issue's H200 printed NaN for
         ("NVIDIA H200 NVL", 835e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA A10", 125e12),  # contained in "A100": the A100 rows must not shadow it, nor it them
     ],
 )
 def test_peak_by_gpu_name(name: str, peak: float) -> None:
@@ -36,3 +38,12 @@ def test_unknown_gpu_gets_null_and_a_reason() -> None:
     assert r["mfu"] is None and r["peak_flops"] is None and "RTX 4090" in r["mfu_unknown"]
     text = json.dumps(r, allow_nan=False)  # raises on NaN
     assert "NaN" not in text and not any(isinstance(v, float) and math.isnan(v) for v in r.values())
+
+
+def test_the_planner_uses_the_same_peaks() -> None:
+    """`mimscale plan`'s GPUs take their peak from this table (one table, not two)."""
+    from mimscale.scaling.plan import GPUS, peak_tflops
+
+    assert {n: peak_tflops(n) for n in GPUS} == {
+        "H200": 989.0, "H100": 989.0, "A100-80GB": 312.0, "A100-40GB": 312.0, "L40S": 362.0, "A10": 125.0,
+    }  # fmt: skip
