@@ -1,5 +1,5 @@
 """Packages: every ``mimscale*`` package, plus ``recipes/`` shipped as ``mimscale.recipes`` (and
-the sweep specs in ``mimscale/scaling/specs``).
+the sweep specs in ``mimscale/scaling/specs``, the paper reference table ``references.csv``).
 
 pyproject.toml cannot combine package discovery with a folder mapped from outside the package
 tree, so this one call does it; everything else lives in pyproject.toml.
@@ -19,5 +19,8 @@ RECIPES = [
 setup(
     packages=[*find_packages(include=["mimscale*"]), *RECIPES],
     package_dir={"mimscale.recipes": "recipes"},
-    package_data={**{name: ["*.yaml"] for name in RECIPES}, "mimscale.scaling": ["specs/*.yaml"]},
+    package_data={
+        **{name: ["*.yaml"] for name in RECIPES},
+        "mimscale.scaling": ["specs/*.yaml", "references.csv"],
+    },
 )

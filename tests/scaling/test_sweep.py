@@ -130,3 +130,51 @@ def test_the_shipped_cpu_spec_has_nine_points_that_plan(tmp_path) -> None:
     for method in ("mae", "mae+mto", "cae_v2"):  # compute grows with the student within a method
         flops = [p.plan["training_flops"] for p in pts if p.plan["method"] == method]
         assert flops == sorted(flops) and len(flops) == 3
+
+
+def test_paper_references_count_compute_as_the_points_do() -> None:
+    """MAE's B/L/H fine-tuning results, each at the plan's FLOPs per image of the recipe it names x
+    ImageNet-1K x 1600 epochs; a readout the table does not have gets none."""
+    from mimscale.config.paths import recipe_path
+    from mimscale.scaling.memory import train_flops
+    from mimscale.scaling.report import reference_points
+
+    refs = reference_points("top1")
+    assert [(r["size"], r["value"]) for r in refs] == [("B/16", 83.6), ("L/16", 85.9), ("H/14", 86.9)]
+    for r in refs:
+        per_image, _ = train_flops(load_recipe(recipe_path(r["recipe"])))
+        assert r["training_flops"] == per_image * 1_281_167 * 1600
+    assert refs[0]["training_flops"] < refs[1]["training_flops"] < refs[2]["training_flops"]
+    assert reference_points("knn_top1") == []
+
+
+def test_report_overlays_references_and_goes_to_the_sweeps_wandb_run(tmp_path, digits, monkeypatch) -> None:
+    """One finished point whose recipe logs to wandb (offline): the table and the plot go to one
+    wandb run of the sweep directory; with a fine-tuning readout the paper points are drawn."""
+    from mimscale.config.derived import save_recipe
+    from mimscale.config.paths import recipe_path
+    from mimscale.scaling.report import report
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    path = write_spec(tmp_path, digits, readouts=["top1", "knn_top1"])
+    spec = sweep.read_spec(path)
+    pts = sweep.points(spec, path)
+    sweep.check_points(spec, pts, path)
+    out = sweep.claim_dir(spec, path, pts)
+    run = out / pts[0].name
+    over = [*sweep.point_overrides(spec, pts[0]), "wandb.enabled=true", "wandb.mode=offline"]
+    save_recipe(load_recipe(recipe_path(pts[0].recipe), over), run / "recipe.yaml")
+    line = json.dumps({"step": 2, "eval/top1": 41.0, "eval/knn_top1": 30.0})
+    (run / "metrics.jsonl").write_text(line + "\n")
+    (run / sweep.DONE).write_text(json.dumps({"seconds": 3.0}))
+    got = report(out)
+    assert [r["size"] for r in got["references"]] == ["B/16", "L/16", "H/14"]
+    assert got["wandb"] is True
+    wid = (out / "wandb_id").read_text().strip()
+    offline = list((out / "wandb").glob(f"offline-run-*-{wid}*"))
+    assert offline and list(offline[0].glob("files/media/images/sweep/report_*.png"))
+    assert list(offline[0].glob("files/media/table/sweep/table_*.table.json"))
+    # the same report without wandb in the point's recipe sends nothing
+    plain = load_recipe(recipe_path(pts[0].recipe), sweep.point_overrides(spec, pts[0]))
+    save_recipe(plain, run / "recipe.yaml")
+    assert report(out)["wandb"] is False
