@@ -188,7 +188,8 @@ def publish(sweep_dir: Path, rows: list[dict[str, Any]], png: Path, csv_path: Pa
     with csv_path.open(newline="") as f:
         header, *data = list(csv.reader(f))
     run = open_wandb(w, sweep_dir, f"sweep {sweep_dir.name}")
-    run.log({"sweep/report": wandb.Image(str(png)), "sweep/table": wandb.Table(columns=header, data=data)})
+    table = wandb.Table(columns=list[str | int](header), data=data)
+    run.log({"sweep/report": wandb.Image(str(png)), "sweep/table": table})
     run.finish()
     return True
 
