@@ -250,7 +250,10 @@ def data_position(saved: dict[str, Any], now: dict[str, Any]) -> tuple[dict[str,
     found truncated (``data.on_error: skip``) shortened its reader's stream, so the replay of
     that reader is off by its missing samples: the log line then says the re-split may repeat or
     miss a few. A checkpoint without the replay's keys (written before re-splitting existed) or
-    another seed or data set falls back to the skip below.
+    another seed or data set falls back to the skip below. The trainer counts steps, not
+    epochs: the remainder and the epochs after it share the run's unchanged step budget, so the
+    run stops at the same step; the remainder's padding (at most about one batch per worker) only
+    moves where the last epoch is cut.
 
     ``resampled`` mode draws shards with replacement and has no exact epoch to re-split: the rest
     of the interrupted epoch is skipped (said in the log, with its size; never repeated) and the
