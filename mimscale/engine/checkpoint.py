@@ -275,17 +275,17 @@ def data_position(saved: dict[str, Any], now: dict[str, Any]) -> tuple[dict[str,
     line = f"world size {saved['world_size']} -> {now['world_size']}: "
     if done == 0 and not passes:
         return {**now, "epoch": epoch, "batches": 0}, line + f"epoch {epoch} starts on the new layout"
-    why = _no_resplit(saved, now)
-    if why is not None:
-        skipped = max(0, per_epoch - done) * int(saved["batch_size"]) * int(saved["world_size"])
-        line += (
-            f"epoch {epoch} was {done}/{per_epoch} batches in; {why}: its {skipped} unread samples are "
-            f"skipped (never repeated), epoch {epoch + 1} starts on the new layout"
-        )
-        return {**now, "epoch": epoch + 1, "batches": 0}, line
     where = f"epoch {epoch} was {done}/{per_epoch} batches in"
     if passes:
         where = f"epoch {epoch} (re-split {len(passes)}x) was {done} batches into its remainder"
+    why = _no_resplit(saved, now)
+    if why is not None:
+        rest = "the rest of its remainder is"  # its size: the replay this fallback cannot do
+        if not passes:
+            rest = f"its {max(0, per_epoch - done) * int(saved['batch_size']) * int(saved['world_size'])}"
+            rest += " unread samples are"
+        line += f"{where}; {why}: {rest} skipped (never repeated), epoch {epoch + 1} starts on the new layout"
+        return {**now, "epoch": epoch + 1, "batches": 0}, line
     if done:
         keys = ("world_size", "workers", "batch_size", "shuffle_buffer")
         passes.append(EpochPass(**{k: int(saved[k]) for k in keys}, batches=done))

@@ -131,3 +131,9 @@ def test_resampled_mode_and_old_checkpoints_skip_the_rest_of_the_epoch(digits: d
     assert (state["epoch"], state["batches"], state["passes"]) == (0, 0, []), line
     state, line = data_position({**saved, "batches": 45}, now)  # read to its end, not yet moved on
     assert (state["epoch"], state["batches"]) == (1, 0) and "only padding was left" in str(line)
+    passes = [{"world_size": 3, "workers": 1, "batch_size": 16, "shuffle_buffer": 0, "batches": 4}]
+    state, line = data_position({**saved, "passes": passes, "seed": 4}, now)  # another seed: no replay
+    assert (state["epoch"], state["batches"]) == (1, 0) and line == (
+        "world size 2 -> 1: epoch 0 (re-split 1x) was 5 batches into its remainder; run.seed or the data "
+        "set changed: the rest of its remainder is skipped (never repeated), epoch 1 starts on the new layout"
+    )
