@@ -34,6 +34,17 @@ Epoch modes:
     number of batches and no job can hang on uneven shards. Needs per-shard counts (a manifest)
     and at least one shard per reader.
 
+Re-splitting an epoch (``exact`` mode, a resume on another world size): which samples the old
+layout read is a pure function of that layout and its batch count (each slot's range through its
+seeded shuffle buffer; :func:`~mimscale.data.reader.unread_positions` replays it on the
+positions, reading no sample). The unread positions, sorted, are read once more as a
+*remainder* of the same epoch: cut into ``world_size * W`` contiguous pieces on the new layout,
+each shuffled, batched and padded exactly as above (so ranks still yield equal batch counts),
+and then the next epoch starts as usual. The loader state records the earlier layouts
+(``passes``), so a checkpoint inside a remainder resumes exactly, and a further change of world
+size re-splits what is still unread. ``resampled`` epochs have no exact content: a world-size
+change skips the rest of the epoch (:func:`mimscale.engine.checkpoint.data_position`).
+
 The evaluation loader uses the ``exact`` layout without shuffling or augmentation (a center
 crop), so features for kNN / linear probes cover every sample exactly once across ranks.
 """
@@ -51,7 +62,14 @@ import torch
 from mimscale.config import DataConfig, MaskConfig, ViewConfig
 from mimscale.data.batches import EpochDataset, identity_collate
 from mimscale.data.manifest import ShardSource, resolve_source
-from mimscale.data.reader import EpochSpec, ShardReadError, one_line
+from mimscale.data.reader import (
+    EpochPass,
+    EpochSpec,
+    ShardReadError,
+    exact_batches,
+    one_line,
+    unread_positions,
+)
 
 __all__ = ["ShardLoader", "ShardReadError", "TrainLoader", "build_eval_loader", "build_train_loader"]
 
@@ -95,7 +113,8 @@ class ShardLoader:
         ``batch_index``: the batch's index within the epoch.
 
     Attributes:
-        batches_per_epoch: batches per epoch on this rank (equal on all ranks).
+        batches_per_epoch: batches per epoch on this rank (equal on all ranks); a re-split epoch's
+            remainder has its own count (:attr:`epoch_batches`).
         shard_errors: bad shards + skipped samples in the batches this rank consumed, over all
             workers and epochs (kept in the state, so exact across resumes); sum it over ranks.
             With ``data.decode: gpu`` it also counts the samples no decoder could read on the
@@ -107,6 +126,7 @@ class ShardLoader:
         self._num_workers = num_workers
         self.batches_per_epoch = spec.batches_per_epoch
         self._epoch, self._pos = 0, 0
+        self._passes: tuple[EpochPass, ...] = ()  # earlier layouts of this epoch (a re-split, exact mode)
         self._pinned = False  # set_epoch / load_state_dict fixed the epoch for the next iter()
         # Workers report cumulative counts per iteration: the latest per logical worker, plus
         # the totals of finished iterations.
@@ -142,6 +162,21 @@ class ShardLoader:
         return self.batches_per_epoch
 
     @property
+    def epoch_batches(self) -> int:
+        """Batches of the current epoch on this rank: :attr:`batches_per_epoch`, or for a re-split
+        epoch those of its remainder (its unread samples on this layout, padded alike)."""
+        if not self._passes:
+            return self.batches_per_epoch
+        s = self._spec
+        return exact_batches(len(self._unread()), s.world_size, s.workers, s.batch_size)
+
+    def _unread(self) -> Any:
+        """A re-split epoch's positions still to read (sorted int64 array)."""
+        s = self._spec
+        assert s.source.total is not None
+        return unread_positions(s.source.total, s.seed, self._epoch, self._passes)
+
+    @property
     def epoch(self) -> int:
         """The current epoch."""
         return self._epoch
@@ -155,11 +190,13 @@ class ShardLoader:
         epoch moves on to the next one by itself.
         """
         if epoch != self._epoch:
-            self._epoch, self._pos = int(epoch), 0
+            self._epoch, self._pos, self._passes = int(epoch), 0, ()
         self._pinned = True
 
     def state_dict(self) -> dict[str, Any]:
-        """The position: epoch and batches consumed in it (plus the layout it depends on)."""
+        """The position: epoch and batches consumed in it (plus the layout it depends on: with
+        ``seed``, ``shuffle_buffer`` and ``total`` another world size can re-split the epoch, and
+        ``passes`` lists the earlier layouts of a re-split epoch, whose remainder ``batches`` counts in)."""
         s = self._spec
         return {
             "epoch": self._epoch,
@@ -170,23 +207,30 @@ class ShardLoader:
             "batch_size": s.batch_size,
             "mode": s.mode,
             "shard_errors": self.shard_errors,
+            "seed": s.seed,
+            "shuffle_buffer": s.shuffle_buffer,
+            "total": s.source.total,
+            "passes": [dataclasses.asdict(p) for p in self._passes],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a position; the next ``iter()`` yields exactly the remaining batches.
 
         Raises:
-            ValueError: the saved layout (world size, workers, batch size, mode, epoch length)
-                differs, so a mid-epoch position would not map to the same samples.
+            ValueError: the saved layout (world size, workers, batch size, mode, epoch length;
+                for a re-split epoch also the seed and the data set's size) differs, so a
+                mid-epoch position would not map to the same samples.
         """
         mine = self.state_dict()
-        for k in ("batches_per_epoch", "world_size", "workers", "batch_size", "mode"):
-            if k in state and state[k] != mine[k]:
+        passes = tuple(EpochPass(**p) for p in state.get("passes", ()))
+        keys = ["batches_per_epoch", "world_size", "workers", "batch_size", "mode"]
+        for k in keys + (["seed", "total"] if passes else []):  # a re-split replays the seed's order
+            if state.get(k, mine[k] if k in keys else None) != mine[k]:
                 raise ValueError(
-                    f"data loader state: {k}={state[k]} was saved but this run has {k}={mine[k]}; "
+                    f"data loader state: {k}={state.get(k)} was saved but this run has {k}={mine[k]}; "
                     "an exact mid-epoch resume needs the same world size, data.num_workers, batch and data"
                 )
-        self._epoch, self._pos = int(state["epoch"]), int(state["batches"])
+        self._epoch, self._pos, self._passes = int(state["epoch"]), int(state["batches"]), passes
         self._errors_before, self._errors_now = int(state.get("shard_errors", 0)), {}
         self._device_errors = 0  # included in the saved total
         self._pinned = True
@@ -200,8 +244,8 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self._active is not None:
             self._active.close()  # shuts down the workers of an abandoned iteration
-        if self._pos >= self.batches_per_epoch and not self._pinned:  # finished: move on
-            self._epoch, self._pos = self._epoch + 1, 0
+        if self._pos >= self.epoch_batches and not self._pinned:  # finished: move on
+            self._epoch, self._pos, self._passes = self._epoch + 1, 0, ()
         self._pinned = False
         self._errors_before += sum(self._errors_now.values())  # the new workers count from zero
         self._errors_now = {}
@@ -210,8 +254,11 @@ class ShardLoader:
 
     def _iterate(self) -> Iterator[dict[str, Any]]:
         spec = dataclasses.replace(self._spec, epoch=self._epoch, start=self._pos)
+        if self._passes:  # the remainder of a re-split epoch
+            bpe, resplit = self.epoch_batches, len(self._passes)
+            spec = dataclasses.replace(spec, positions=self._unread(), resplit=resplit, batches_per_epoch=bpe)
         dataset = EpochDataset(spec)
-        remaining = self.batches_per_epoch - self._pos
+        remaining = spec.batches_per_epoch - self._pos
         workers = min(self._num_workers, remaining)
         if workers == 0:
             source: Any = iter(dataset)
@@ -244,9 +291,9 @@ TrainLoader = ShardLoader
 
 
 def _exact_batches(source: ShardSource, world_size: int, workers: int, batch_size: int) -> int:
-    """Batches per logical worker in exact layout: the largest slice, padded to whole batches."""
+    """Batches per rank in exact layout: the largest slice, padded to whole batches, times the workers."""
     assert source.total is not None
-    return max(1, math.ceil(math.ceil(source.total / (world_size * workers)) / batch_size))
+    return exact_batches(source.total, world_size, workers, batch_size)
 
 
 def build_train_loader(
@@ -309,7 +356,7 @@ def build_train_loader(
             )
     else:
         _check_exact(data, source, world_size, workers)
-        bpe = _exact_batches(source, world_size, workers, batch_size) * workers
+        bpe = _exact_batches(source, world_size, workers, batch_size)
     spec = EpochSpec(
         source=source,
         views=tuple(data.views),
@@ -416,7 +463,7 @@ def build_eval_loader(
         world_size=world_size,
         workers=workers,
         mode="eval",
-        batches_per_epoch=_exact_batches(shards, world_size, workers, batch_size) * workers,
+        batches_per_epoch=_exact_batches(shards, world_size, workers, batch_size),
         shuffle_buffer=0,
         on_error=data.on_error,
         draft=data.draft,

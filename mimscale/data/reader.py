@@ -7,11 +7,15 @@ but not decoding or batching (:mod:`mimscale.data.batches`).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 import hashlib
+import itertools
+import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,16 +25,20 @@ from mimscale.config import MaskConfig, ViewConfig
 from mimscale.data.manifest import ShardSource
 
 __all__ = [
+    "EpochPass",
     "EpochSpec",
     "ErrorPolicy",
     "ShardEntry",
     "ShardReadError",
+    "exact_batches",
     "one_line",
     "range_stream",
     "read_shard",
     "resampled_stream",
     "shard_entry",
     "shuffled",
+    "stream_rng",
+    "unread_positions",
 ]
 
 # Tags that separate the independent random streams derived from the same (seed, epoch, ...).
@@ -83,10 +91,23 @@ class EpochSpec:
     # data.decode: gpu: ship the encoded bytes and crop records; the engine decodes on its device.
     decode: Literal["cpu", "gpu"] = "cpu"
     max_pixels: int = 64_000_000  # data.max_pixels: larger images are skipped (bad samples)
+    # exact mode, an epoch re-split after a world-size change: the sorted positions (in the epoch's
+    # sample sequence) still to read, an int64 array; None: all of them (the epoch's first layout).
+    positions: Any = None
+    resplit: int = 0  # how many earlier layouts read part of this epoch (a key of every random stream)
 
     def rng(self, worker: int, tag: int, index: int = 0) -> np.random.Generator:
         """The generator of one random stream; a pure function of its coordinates."""
-        return np.random.default_rng([self.seed % 2**63, self.epoch, self.rank, worker, tag, index])
+        return stream_rng(self.seed, self.epoch, self.rank, worker, tag, index, self.resplit)
+
+
+def stream_rng(
+    seed: int, epoch: int, rank: int, worker: int, tag: int, index: int = 0, resplit: int = 0
+) -> np.random.Generator:
+    """The generator of one random stream of the loader (:meth:`EpochSpec.rng`). ``resplit > 0``
+    (a re-split epoch's later layouts) extends the key, so an epoch's first layout draws as before."""
+    key = [seed % 2**63, epoch, rank, worker, tag, index]
+    return np.random.default_rng(key + [resplit] if resplit else key)
 
 
 class ErrorPolicy:
@@ -262,27 +283,115 @@ def _slot_range(total: int, slots: int, slot: int) -> tuple[int, int]:
     return slot * total // slots, (slot + 1) * total // slots
 
 
+def exact_batches(n: int, world_size: int, workers: int, batch_size: int) -> int:
+    """Batches per rank when ``n`` samples are cut into ``world_size * workers`` contiguous slots:
+    the largest slot padded to whole batches (at least one), times the workers."""
+    return max(1, math.ceil(math.ceil(n / (world_size * workers)) / batch_size)) * workers
+
+
+def epoch_order(seed: int, epoch: int, n_shards: int) -> list[int]:
+    """The exact mode's shard order of an epoch: the same permutation on every rank."""
+    return np.random.default_rng([seed % 2**63, epoch, ORDER]).permutation(n_shards).tolist()
+
+
 def range_stream(spec: EpochSpec, worker: int, policy: ErrorPolicy) -> Iterator[dict[str, Any]]:
-    """This (rank, worker)'s contiguous slice of the epoch's shard sequence (exact / eval)."""
+    """This (rank, worker)'s contiguous slice of the epoch's sample sequence (exact / eval): of
+    every position, or of ``spec.positions`` (a re-split epoch) where that is set. Only the shards
+    holding one of the slice's positions are read."""
     counts = spec.source.counts
     assert counts is not None
-    order = np.arange(len(counts))
+    order = list(range(len(counts)))
     if spec.mode == "exact":  # the same permutation on every rank: no seed from rank/worker
-        order = np.random.default_rng([spec.seed % 2**63, spec.epoch, ORDER]).permutation(len(counts))
-    slots = spec.world_size * spec.workers
-    lo, hi = _slot_range(sum(counts), slots, spec.rank * spec.workers + worker)
-    offset = 0
-    for k in order.tolist():
+        order = epoch_order(spec.seed, spec.epoch, len(counts))
+    slots, slot = spec.world_size * spec.workers, spec.rank * spec.workers + worker
+    if spec.positions is None:
+        wanted = range(*_slot_range(sum(counts), slots, slot))
+    else:
+        lo, hi = _slot_range(len(spec.positions), slots, slot)
+        wanted = spec.positions[lo:hi].tolist()
+    yield from _positions_stream(spec, order, wanted, policy)
+
+
+def _positions_stream(
+    spec: EpochSpec, order: list[int], wanted: Sequence[int], policy: ErrorPolicy
+) -> Iterator[dict[str, Any]]:
+    """The samples at the sorted positions ``wanted`` of the sequence of shards ``order``."""
+    counts = spec.source.counts
+    assert counts is not None
+    i = offset = 0  # wanted[i] is the next position to yield; offset: the shard's first position
+    for k in order:
         n = counts[k]
-        if offset < hi and offset + n > lo:
-            # Only the reader whose range reaches the shard's end reads all of it: it checks the digest.
-            entry = shard_entry(spec.source, k, verify_digest=offset + n <= hi)
+        j = bisect.bisect_left(wanted, offset + n, i)  # wanted[i:j] lie in this shard
+        if j > i:
+            last = wanted[j - 1]
+            # Only the reader that reads up to the shard's end reads all of it: it checks the digest.
+            entry = shard_entry(spec.source, k, verify_digest=last == offset + n - 1)
             for pos, sample in enumerate(read_shard(spec.source.urls[k], policy, entry)):
-                if offset + pos >= hi:
+                if offset + pos > last:
                     break
-                if offset + pos >= lo:
+                if offset + pos == wanted[i]:
+                    i += 1
                     yield sample
+            i = j  # a truncated shard's missing positions are not waited for
         offset += n
+
+
+@dataclass(frozen=True)
+class EpochPass:
+    """One layout an exact-mode epoch was read on before the world size changed.
+
+    ``batches`` is what every rank had consumed on it (global batch indices ``0 .. batches-1``).
+    """
+
+    world_size: int
+    workers: int
+    batch_size: int
+    shuffle_buffer: int
+    batches: int
+
+
+def _read_by(left: np.ndarray, p: EpochPass, seed: int, epoch: int, resplit: int) -> list[np.ndarray]:
+    """The positions of ``left`` that layout ``p`` had emitted, slot by slot.
+
+    Slot ``(r, w)`` reads its contiguous piece of ``left`` through the seeded shuffle buffer and
+    makes global batches ``w, w + W, ...`` of ``B`` stream samples each, so after ``k`` batches it
+    has emitted the first ``len(range(w, k, W)) * B`` items of its stream (its piece's length at
+    most; the rest is padding). Replaying :func:`shuffled` on the positions themselves, with the
+    slot's generator, names them: its draws depend on the buffer's fill only, never on the items.
+    """
+    slots, out = p.world_size * p.workers, []
+    for r in range(p.world_size):
+        for w in range(p.workers):
+            lo, hi = _slot_range(len(left), slots, r * p.workers + w)
+            n = min(hi - lo, len(range(w, p.batches, p.workers)) * p.batch_size)
+            if n <= 0:
+                continue
+            rng = stream_rng(seed, epoch, r, w, SHUFFLE, 0, resplit)
+            stream = shuffled(iter(left[lo:hi].tolist()), p.shuffle_buffer, rng)
+            out.append(np.fromiter(itertools.islice(stream, n), np.int64, n))
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def unread_positions(total: int, seed: int, epoch: int, passes: tuple[EpochPass, ...]) -> np.ndarray:
+    """The positions of an exact-mode epoch of ``total`` samples that no layout in ``passes`` read.
+
+    Positions index the epoch's sample sequence (its shards in :func:`epoch_order`, each in its
+    own order). ``passes[0]`` read every position; each later one (``resplit = j``) read the rest
+    its predecessors left. A pure function of the layouts: no sample is read. Exact while every
+    shard holds what its manifest says; a shard found truncated (``on_error: skip``) made its
+    reader's stream shorter, so for that reader the replay is off by the missing samples.
+
+    Returns:
+        The sorted unread positions (int64; read-only, the result is cached).
+    """
+    left = np.arange(total, dtype=np.int64)
+    for j, p in enumerate(passes):
+        read = _read_by(left, p, seed, epoch, j)
+        if read:
+            left = np.setdiff1d(left, np.concatenate(read), assume_unique=True)
+    left.flags.writeable = False
+    return left
 
 
 def shuffled(stream: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:

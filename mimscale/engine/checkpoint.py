@@ -9,6 +9,7 @@ so a kill at any point leaves the previous checkpoint as the resume point.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import random
@@ -237,13 +238,26 @@ def load(engine, ckpt_dir: str | Path, tag: str, rank: int) -> dict[str, Any]:
 def data_position(saved: dict[str, Any], now: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     """The loader position to resume from, re-split when the world size changed.
 
-    Guarantee: a run resumed on another number of ranks never reads again a sample it already
-    read in the interrupted epoch. The sample-to-rank layout of an epoch depends on the world
-    size, so the interrupted epoch cannot be continued on the new layout without repeating
-    samples: the unread rest of that epoch is skipped (said in the log, with its size) and the
-    next epoch starts at batch 0 on the new layout, where every sample is read exactly once as
-    usual. A position at an epoch boundary loses nothing. Same world size: the position is
-    returned unchanged (and an exact resume follows).
+    Same world size: the position is returned unchanged (and an exact resume follows). A
+    position at an epoch boundary loses nothing: the epoch starts on the new layout.
+
+    ``data.epoch_mode: exact``, mid-epoch: the interrupted epoch is *re-split*. What the old
+    layout read is a pure function of it (:func:`mimscale.data.reader.unread_positions`), so the
+    unread samples, and only they, are read as the epoch's remainder on the new layout (padded to
+    equal batches per rank), then the next epoch starts: no sample of the epoch is skipped or
+    read twice. The returned state lists the layouts the epoch was read on (``passes``), so
+    another change of world size inside the remainder re-splits what is still unread. A shard
+    found truncated (``data.on_error: skip``) shortened its reader's stream, so the replay of
+    that reader is off by its missing samples: the log line then says the re-split may repeat or
+    miss a few. A checkpoint without the replay's keys (written before re-splitting existed) or
+    another seed or data set falls back to the skip below. The trainer counts steps, not
+    epochs: the remainder and the epochs after it share the run's unchanged step budget, so the
+    run stops at the same step; the remainder's padding (at most about one batch per worker) only
+    moves where the last epoch is cut.
+
+    ``resampled`` mode draws shards with replacement and has no exact epoch to re-split: the rest
+    of the interrupted epoch is skipped (said in the log, with its size; never repeated) and the
+    next epoch starts at batch 0 on the new layout.
 
     Args:
         saved: the loader ``state_dict()`` in the checkpoint.
@@ -254,13 +268,51 @@ def data_position(saved: dict[str, Any], now: dict[str, Any]) -> tuple[dict[str,
     """
     if saved.get("world_size", now["world_size"]) == now["world_size"]:
         return saved, None
+    from mimscale.data.reader import EpochPass, exact_batches, unread_positions
+
     epoch, done, per_epoch = int(saved["epoch"]), int(saved["batches"]), int(saved["batches_per_epoch"])
+    passes = [EpochPass(**p) for p in saved.get("passes", ())]
     line = f"world size {saved['world_size']} -> {now['world_size']}: "
-    if done == 0:
+    if done == 0 and not passes:
         return {**now, "epoch": epoch, "batches": 0}, line + f"epoch {epoch} starts on the new layout"
-    skipped = max(0, per_epoch - done) * int(saved["batch_size"]) * int(saved["world_size"])
+    where = f"epoch {epoch} was {done}/{per_epoch} batches in"
+    if passes:
+        where = f"epoch {epoch} (re-split {len(passes)}x) was {done} batches into its remainder"
+    why = _no_resplit(saved, now)
+    if why is not None:
+        rest = "the rest of its remainder is"  # its size: the replay this fallback cannot do
+        if not passes:
+            rest = f"its {max(0, per_epoch - done) * int(saved['batch_size']) * int(saved['world_size'])}"
+            rest += " unread samples are"
+        line += f"{where}; {why}: {rest} skipped (never repeated), epoch {epoch + 1} starts on the new layout"
+        return {**now, "epoch": epoch + 1, "batches": 0}, line
+    if done:
+        keys = ("world_size", "workers", "batch_size", "shuffle_buffer")
+        passes.append(EpochPass(**{k: int(saved[k]) for k in keys}, batches=done))
+    left = len(unread_positions(int(now["total"]), int(now["seed"]), epoch, tuple(passes)))
+    if left == 0:
+        line += f"{where}; only padding was left, epoch {epoch + 1} starts on the new layout"
+        return {**now, "epoch": epoch + 1, "batches": 0}, line
+    n = exact_batches(left, int(now["world_size"]), int(now["workers"]), int(now["batch_size"]))
     line += (
-        f"epoch {epoch} was {done}/{per_epoch} batches in; its {skipped} unread samples are skipped "
-        f"(never repeated), epoch {epoch + 1} starts on the new layout"
+        f"{where}; its {left} unread samples are re-split over the new layout ({n} batches per rank), "
+        f"then epoch {epoch + 1} starts"
     )
-    return {**now, "epoch": epoch + 1, "batches": 0}, line
+    if int(saved.get("shard_errors", 0)):
+        line += (
+            f"; {saved['shard_errors']} bad shards/samples were counted: a truncated shard shifts what "
+            "its reader read, so the re-split may repeat or miss a few samples"
+        )
+    state = {**now, "epoch": epoch, "batches": 0, "passes": [dataclasses.asdict(p) for p in passes]}
+    return state, line
+
+
+def _no_resplit(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """Why the interrupted epoch cannot be re-split (None: it can)."""
+    if saved.get("mode") != "exact" or now["mode"] != "exact":
+        return "data.epoch_mode resampled has no exact epoch to re-split"
+    if any(k not in saved for k in ("seed", "shuffle_buffer", "total")):
+        return "the checkpoint predates epoch re-splitting"
+    if saved["seed"] != now["seed"] or saved["total"] != now["total"]:
+        return "run.seed or the data set changed"
+    return None

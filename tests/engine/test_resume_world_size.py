@@ -1,11 +1,15 @@
 """Resume on another number of ranks (2 -> 1, 1 -> 2, ZeRO-2, CPU): the ZeRO checkpoint goes
-through DeepSpeed's universal format, the weights come back exactly, and the data position
-moves to the next epoch on the new layout (no sample of the interrupted epoch is read twice)."""
+through DeepSpeed's universal format and the weights come back exactly. The data position: in
+``resampled`` mode the next epoch starts on the new layout (the rest of the interrupted one is
+skipped); in ``exact`` mode the interrupted epoch's unread samples are re-split over the new
+layout, so the key logs hold every sample of that epoch exactly once."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -71,12 +75,13 @@ def test_resume_on_another_world_size(digits, tmp_path: Path, before: int, after
     assert check["worst"] == 0.0, check  # every weight as saved, whatever the new partitioning
     assert check["step"] == 2 and check["samples"] == 128
     # 2 steps of 64 were read on the old layout (micro-batches of 32 per rank): the rest of
-    # epoch 0 is skipped
+    # epoch 0 is skipped (resampled mode, the recipe's: no exact epoch to re-split)
     assert (check["epoch"], check["batches"]) == (1, 0), check
     assert (
         f"world size {before} -> {after}: epoch 0 was {4 // before}/{1408 // 32 // before} batches"
         in out.stdout
     )
+    assert "resampled has no exact epoch to re-split" in out.stdout
     assert "(never repeated), epoch 1 starts on the new layout" in out.stdout
     recs = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs][-2:] == [3, 4] and all(r["loss"] == r["loss"] for r in recs)
@@ -84,3 +89,42 @@ def test_resume_on_another_world_size(digits, tmp_path: Path, before: int, after
     assert (ckpt / "LATEST").read_text().strip() == "step00000004"
     assert not (ckpt / "universal").exists()  # the converted copy is removed once loaded
     assert len(list((ckpt / "step00000004").glob("*optim_states.pt"))) == after
+
+
+def _keys(run: Path, rank: int) -> list[list[str]]:
+    """The key log of a rank: one list of keys per step."""
+    return [line.split() for line in (run / f"keys_rank{rank}.txt").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_exact_epoch_is_resplit_when_two_ranks_resume_on_one(digits, tmp_path: Path) -> None:
+    """2 ranks read 10 of epoch 0's 23 batches each, 1 rank reads the rest: every sample of the
+    epoch is in the key logs exactly once, then epoch 1 follows."""
+    args = [
+        *_args(digits, tmp_path, 10),
+        "data.epoch_mode=exact",
+        "train.zero_stage=0",
+        "train.log_keys=true",
+        "train.ckpt_every=1000",
+    ]
+    run_cmd(_launch(2, ["--module", "mimscale.train", RECIPE, *args]))
+    out = run_cmd(_launch(1, ["-m", "mimscale.train", RECIPE, *args, "train.max_steps=24"]))
+    said = re.search(
+        r"world size 2 -> 1: epoch 0 was 10/23 batches in; its (\d+) unread samples are re-split over "
+        r"the new layout \((\d+) batches per rank\), then epoch 1 starts",
+        out.stdout,
+    )
+    assert said, out.stdout[-3000:]
+    left, batches = int(said[1]), int(said[2])
+    assert left == 1438 - 2 * 10 * 32 and batches == -(-left // 32)  # 798 samples, 25 batches
+    run = tmp_path / "w"
+    before = [k for rank in (0, 1) for step in _keys(run, rank)[:10] for k in step]
+    after = [k for step in _keys(run, 0)[10:] for k in step]  # 2 micro-batches of 32 per step
+    assert len(_keys(run, 1)) == 10 and len(after) == 14 * 64  # steps 11..24 on one rank
+    rest = after[: batches * 32][:left]  # the remainder's padding rows come last (one worker)
+    every = set()
+    for shard in Path(digits["train"]).parent.glob("*.tar"):
+        with tarfile.open(shard) as tf:
+            every |= {m.name.split(".")[0] for m in tf.getmembers()}
+    assert len(every) == 1438 and sorted(before + rest) == sorted(every)  # each sample exactly once
+    assert set(after[batches * 32 :]) <= every  # epoch 1 began within step 23, from its batch 0
