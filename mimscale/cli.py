@@ -203,7 +203,39 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             "protocol is LARS (recipes/finetune/linprobe_cpu_tiny.yaml, linprobe_mae_vit_b16.yaml)",
             file=sys.stderr,
         )
-    return cmd_train(args)
+    code = cmd_train(args)
+    if code == 0 and r.method_cfg.mode == "finetune":
+        note = short_finetune_note(Path(r.run.out_dir) / r.run.name)
+        if note:
+            print(note, file=sys.stderr)
+    return code
+
+
+SHORT_FINETUNE = 1000  # optimizer steps: below this a fine-tune's top-1 gets a note beside it
+
+
+def short_finetune_note(run_dir: Path) -> str | None:
+    """The line printed after a short fine-tune's top-1: a few hundred steps of training the whole
+    encoder and a new head on augmented images read far below the frozen linear probe on the same
+    encoder (the demo's, fitted to convergence on cached features), which a newcomer would take
+    for a broken fine-tune. None for a run of :data:`SHORT_FINETUNE` steps or more, or without a
+    top-1 in its ``metrics.jsonl``."""
+    import json
+
+    step, top1 = 0, None
+    metrics = run_dir / "metrics.jsonl"
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        if line.endswith("}"):
+            rec = json.loads(line)
+            step, top1 = max(step, int(rec.get("step", 0))), rec.get("eval/top1", top1)
+    if top1 is None or step >= SHORT_FINETUNE:
+        return None
+    return (
+        f"[mimscale] note: top-1 {top1:.1f}% after {step} optimizer steps of fine-tuning the whole encoder "
+        "and a new head; a fine-tune this short reads below a frozen linear probe fitted to convergence "
+        "(the demo's table), which is not a like-for-like readout. For that: mimscale linprobe "
+        "recipes/finetune/linprobe_cpu_tiny.yaml finetune.pretrained=<the same run>"
+    )
 
 
 # `mimscale bench WHAT ...` -> module with main(argv) printing JSON. Explicit, imported lazily.

@@ -40,3 +40,19 @@ def test_pretraining_recipe_is_refused(launched, capsys) -> None:
     assert cli.main(["finetune", mae]) == 2
     assert "mimscale finetune needs method 'finetune', got 'mae'" in capsys.readouterr().err
     assert launched == []
+
+
+def test_a_short_fine_tunes_top1_gets_a_note_and_a_long_one_none(tmp_path) -> None:
+    import json
+
+    def run(steps: int) -> str | None:
+        lines = [{"step": s, "loss": 2.0} for s in range(10, steps + 1, 10)]
+        (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in [*lines, {"step": steps,
+                                                "eval/top1": 30.08}]) + "\n")  # fmt: skip
+        return cli.short_finetune_note(tmp_path)
+
+    note = run(110)
+    assert note and "top-1 30.1% after 110 optimizer steps" in note and "linprobe_cpu_tiny" in note
+    assert run(cli.SHORT_FINETUNE) is None
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 5, "loss": 1.0}) + "\n")
+    assert cli.short_finetune_note(tmp_path) is None  # no top-1 (eval off): nothing to explain

@@ -13,7 +13,7 @@ from mimscale.cli import main
 pytestmark = pytest.mark.slow
 
 
-def test_demo_finetune_export_eval(tmp_path: Path, monkeypatch) -> None:
+def test_demo_finetune_export_eval(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     quick = ["train.max_steps=2", "train.ckpt_every=2", "data.num_workers=0"]
     assert main(["demo-data", "runs/demo/data"]) == 0
@@ -25,6 +25,8 @@ def test_demo_finetune_export_eval(tmp_path: Path, monkeypatch) -> None:
     )
     run = Path("runs/finetune_cpu_tiny")
     assert (run / "checkpoints/LATEST").is_file()
+    # its top-1 is printed with why a short fine-tune reads below the demo's frozen linear probe
+    assert "after 2 optimizer steps of fine-tuning" in capsys.readouterr().err
     assert main(["export", str(run), "enc.safetensors"]) == 0 and Path("enc.safetensors").stat().st_size > 0
     assert main(["eval", str(run), "--top1", "--no-linear", "--out", "ev"]) == 0
     res = json.loads(Path("ev/eval.json").read_text())

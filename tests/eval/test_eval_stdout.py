@@ -40,7 +40,7 @@ def test_eval_and_export_stdout_is_the_result(tmp_path: Path, digits) -> None:
     # fine-tune it under layer decay: the logged lr is the schedule's (the head's), not group 0's
     ft = ["finetune", "finetune/cpu_tiny", f"finetune.pretrained={run}", f"run.out_dir={run.parent}",
           "run.name=ft", *data, "train.max_steps=2", "train.log_every=1", "data.num_workers=0",
-          "eval.at_end=false"]  # fmt: skip
+          "eval.at_end=false", "optim.layer_decay=0.75"]  # fmt: skip
     _cli(*ft, cwd=tmp_path)  # a fresh process: a second DeepSpeed engine in this one trips an import lock
     r = load_recipe(run.parent / "ft/recipe.yaml")
     assert r.optim.layer_decay == 0.75
