@@ -198,8 +198,8 @@ def extras_bytes(recipe: Recipe, c: Counts, batch: int, elem: int) -> float:
     out = 4.0 * c.momentum
     t = recipe.teacher
     if c.teacher and t.source == "online":
-        depth = t.depth or 12
-        out += elem * c.teacher / (depth if t.offload else 1)
+        depth = teacher_shape(recipe)[1] if t.offload else 1
+        out += elem * c.teacher / depth
     if recipe.mto.enabled:
         host = max(stacks_of(recipe), key=lambda s: s.tokens)
         out += 2 * 4 * (host.depth + 1) * batch * host.tokens**2
@@ -208,13 +208,51 @@ def extras_bytes(recipe: Recipe, c: Counts, batch: int, elem: int) -> float:
     return out
 
 
-def teacher_params(recipe: Recipe) -> int:
-    """Parameters of the recipe's teacher ViT from its architecture keys (CLIP ViT-B/16 by
-    default): 12 d^2 per block plus the patch embedding."""
+def teacher_shape(recipe: Recipe) -> tuple[int, int, int, float]:
+    """(width, depth, patch size, MLP ratio) of the recipe's teacher ViT, as it will be built: its
+    architecture keys, else the shapes of the weights file ``teacher.pretrained`` names, else the
+    named model's (open_clip's config or timm's model on the meta device), else CLIP ViT-B/16."""
+    from mimscale.teachers.weights import file_arch
+
     t = recipe.teacher
-    width, depth = t.width or 768, t.depth or 12
-    patch = t.patch_size or 16
-    return int(depth * (12 * width * width + 13 * width) + 3 * patch * patch * width)
+    arch = file_arch(t)
+    named = (768, 12, 16, 4.0) if arch is not None else _named_shape(t.kind, t.model)
+    width = t.width or (arch.width if arch else named[0])
+    depth = t.depth or (arch.depth if arch else named[1])
+    patch = t.patch_size or (arch.patch_size if arch else named[2])
+    return width, depth, patch, arch.mlp_ratio if arch else named[3]
+
+
+def _named_shape(kind: str, model: str) -> tuple[int, int, int, float]:
+    """(width, depth, patch, MLP ratio) of a named teacher model; CLIP ViT-B/16's when unknown."""
+    if kind == "open_clip":
+        import open_clip
+
+        cfg = (open_clip.get_model_config(model) or {}).get("vision_cfg")
+        if cfg:
+            mlp = float(cfg.get("mlp_ratio", 4.0))
+            return int(cfg["width"]), int(cfg["layers"]), int(cfg["patch_size"]), mlp
+    elif kind == "timm":
+        import timm
+        import torch
+
+        try:
+            with torch.device("meta"):
+                m: Any = timm.create_model(model, pretrained=False, num_classes=0)
+            mlp = m.blocks[0].mlp.fc1.out_features / m.embed_dim
+            return int(m.embed_dim), len(m.blocks), int(m.patch_embed.patch_size[0]), float(mlp)
+        except (RuntimeError, AttributeError):  # not a plain ViT: counted as CLIP ViT-B/16
+            pass
+    return 768, 12, 16, 4.0
+
+
+def teacher_params(recipe: Recipe) -> int:
+    """Parameters of the recipe's teacher ViT (:func:`teacher_shape`): (4 + 2 r) d^2 per block
+    (r the MLP ratio), the patch embedding and the position embedding (its grid is the student's)."""
+    width, depth, patch, mlp = teacher_shape(recipe)
+    tokens = (recipe.model.img_size // recipe.model.patch_size) ** 2 + 1
+    blocks = depth * ((4 + 2 * mlp) * width * width + 13 * width)
+    return int(blocks + 3 * patch * patch * width + tokens * width)
 
 
 def shaped_method(recipe: Recipe) -> Any:
@@ -272,8 +310,9 @@ def train_flops(recipe: Recipe, method: Any = None) -> tuple[float, str]:
 
     t = recipe.teacher
     if METHODS[recipe.method].needs_teacher and t.source == "online":  # its forward only, no backward
-        n = (recipe.model.img_size // recipe.model.patch_size) ** 2 + 1
-        teacher = (t.depth or 12) * block_flops(n, t.width or 768)
+        n = (recipe.model.img_size // recipe.model.patch_size) ** 2 + 1  # the teacher's grid is the student's
+        width, depth, _, mlp = teacher_shape(recipe)
+        teacher = depth * block_flops(n, width, mlp)
         return (
             3.0 * fwd + teacher,
             "3x forward of the method's blocks + the teacher's forward (counted by plan)",

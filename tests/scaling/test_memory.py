@@ -138,3 +138,35 @@ def test_checkpointing_and_zero_shrink_what_they_should() -> None:
     z3 = memory.estimate(r, c, 3, 8, 64, False, bf16=True)
     assert b.activations < a.activations / 4 and (b.params, b.optimizer) == (a.params, a.optimizer)
     assert z3.params == pytest.approx(a.params / 8) and z3.activations == a.activations
+
+
+def test_the_teachers_cost_is_the_weights_files_architecture(tmp_path, digits) -> None:
+    """A teacher named by its weights file (the demo's digits ViT: width 96, 2 blocks, MLP ratio
+    2) is planned with that architecture, not CLIP ViT-B/16's (the demo sweep's CAE v2 points were
+    planned at 80x their compute): its forward FLOPs agree with torch's count of the built model."""
+    import timm
+    from safetensors.torch import save_file
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mimscale.models.flops import block_flops
+
+    shape = dict(img_size=32, patch_size=4, embed_dim=96, depth=2, num_heads=3, mlp_ratio=2.0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **shape).eval()
+    save_file(model.state_dict(), str(tmp_path / "digits_vit.safetensors"))
+    over = ["teacher.kind=timm", "teacher.model=vit_tiny_patch16_224", "teacher.allow_random=false",
+            f"teacher.pretrained={tmp_path / 'digits_vit.safetensors'}", "teacher.proj=false",
+            "teacher.heads=3", "teacher.width=null", "teacher.depth=null", "teacher.patch_size=null",
+            "teacher.out_dim=null", f"data.train={digits['train']}"]  # fmt: skip
+    r = load_recipe(recipe_path("cae_v2/cpu_tiny"), over)
+    assert memory.teacher_shape(r) == (96, 2, 4, 2.0)
+    assert memory.teacher_params(r) == pytest.approx(sum(p.numel() for p in model.parameters()), rel=0.02)
+    student = 3.0 * sum(s.copies * s.depth * block_flops(s.tokens, s.dim, s.mlp_ratio)
+                        for s in memory.stacks_of(r))  # fmt: skip
+    planned_teacher = memory.train_flops(r)[0] - student
+    for blk in model.blocks:  # attention as matmuls, which the counter sees (not SDPA's CPU kernel)
+        blk.attn.fused_attn = False
+    with FlopCounterMode(display=False) as counted, torch.no_grad():
+        model.forward_features(torch.zeros(1, 3, 32, 32))
+    assert planned_teacher == pytest.approx(counted.get_total_flops(), rel=0.05)  # the plan: no patch embed
+    # the shipped CLIP ViT-B/16 teacher (named, no file) keeps its shape
+    assert memory.teacher_shape(load_recipe(recipe_path("cae_v2/vit_b16"))) == (768, 12, 16, 4.0)
