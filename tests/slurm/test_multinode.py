@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from test_slurm import fp32, latest, records, started, train_args
 CONF = "/etc/slurm-2nodes/slurm.conf"
 PRETRAIN = str(REPO / "slurm/pretrain.sbatch")
 STEPS = 8
+NODE_LOCAL = Path("/srv/mimscale-node-local")  # .ci/slurm_2nodes.sh: n2 sees an empty tmpfs there
 pytestmark = [pytest.mark.slow]
 
 
@@ -32,8 +34,8 @@ def _cluster_problem() -> str | None:
     cmd = ["sinfo", "-h", "-N", "-o", "%N %t"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30)
     up = {n for n, t in (line.split() for line in out.stdout.splitlines()) if re.match(r"idle|mix|alloc", t)}
-    if out.returncode != 0 or up != {"n1", "n2"}:
-        return f"the two-node Slurm has not n1, n2 usable: {out.stdout.split()} {out.stderr.strip()}"
+    if out.returncode != 0 or up != {"n1", "n2", "n3"}:
+        return f"the two-node Slurm has not n1, n2 (and n3) usable: {out.stdout.split()} {out.stderr.strip()}"
     return None
 
 
@@ -230,3 +232,32 @@ def test_node_count_changes_two_one_two_resume_through_the_universal_checkpoint(
     assert "world size 2 -> 1" in text and "world size 1 -> 2" in text, text[-4000:]
     assert text.count("resumed from") == 2
     assert [r["step"] for r in records(run)] == list(range(1, 7)), "a step was lost or logged twice"
+
+
+def test_an_out_dir_the_second_node_cannot_see_stops_the_job_naming_it(digits, tmp_path) -> None:
+    out = Path(tempfile.mkdtemp(dir=NODE_LOCAL))  # on n1 only: a node-local disk
+    try:
+        jid, log = submit(tmp_path, args_for(digits["train"], out, "local"), nodes=2, per_node=1)
+        info = wait_done(jid, timeout=300)
+        text = log.read_text()
+        assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", text[-3000:]
+        named = [line for line in text.splitlines() if "cannot see" in line]
+        assert named == [
+            f"[mimscale] node n2 cannot see {out}/local/.shared.{jid}: run.out_dir must be on a "
+            "filesystem shared by every node"
+        ], text[-3000:]
+        assert "start 1" not in text and "[mimscale] rank" not in text  # before any rank
+        assert not list((out / "local").glob(".shared.*"))  # the marker is gone
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def test_a_first_node_whose_name_does_not_resolve_is_one_line(digits, tmp_path) -> None:
+    log = tmp_path / "odd.out"
+    opts = ["--partition=odd", "--nodes=1", "--cpus-per-task=2", f"--output={log}", PRETRAIN]
+    jid = sbatch([*opts, *args_for(digits["train"], tmp_path, "odd")], cwd=tmp_path, NPROC_PER_NODE="1")
+    info = wait_done(jid, timeout=300)
+    text = log.read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", text[-3000:]
+    line = "[mimscale] the first node's name n3 (of n3) does not resolve: no rendezvous possible"
+    assert line in text.splitlines() and "start 1" not in text, text[-3000:]
