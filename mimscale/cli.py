@@ -148,6 +148,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from mimscale.demo.compare import run_compare
 
         return run_compare(args.compare, Path(args.out), args.overrides, args.teacher)
+    if args.seeds:
+        from mimscale.demo.seeds import parse_seeds, run_seeds
+
+        try:
+            seeds = parse_seeds(args.seeds)
+        except ValueError as e:
+            print(f"demo: {e}")
+            return 2
+        return run_seeds(seeds, args.method, Path(args.out), args.overrides, args.teacher)
     from mimscale.demo.run import run_demo
 
     return run_demo(
@@ -331,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["online", "precomputed"],
         default="online",
         help="CAE v2 / MR-MAE: run the teacher every step, or precompute a bank of its targets first",
+    )
+    s.add_argument(
+        "--seeds",
+        default="",
+        metavar="S1,S2,...",
+        help="run the demo once per seed (e.g. 0,1,2) and print the spread of its gains over random init",
     )
     s.add_argument(
         "--sweep", action="store_true", help="the CPU scaling sweep (3 sizes x 3 methods), its report"

@@ -48,10 +48,11 @@ Teacher = Literal["trained", "random"]
 # (the [CLS] token gets no direct training signal in MAE-style methods; the final tables report
 # both readouts).
 DEMO_EVAL = ["eval.at_end=true", "eval.knn=true", "eval.linear=true", "eval.batch_size=512", "eval.pool=mean"]
-# The same for every method: 10 epochs (110 optimizer steps of 128 images) keep the default demo
-# (MAE + MTO) within about 2 minutes on 2 idle cores; the tiny recipes' own 30 epochs are for
-# `mimscale train`.
-DEMO_STEPS = ["train.epochs=10"]
+# The same for every method: 10 epochs in batches of 32 (440 optimizer steps) keep the default demo
+# (MAE + MTO) within about 2 minutes on 2 idle cores; the tiny recipes' own 30 epochs of 128 are for
+# `mimscale train`. Batches of 32 (4x the updates for the same images) were chosen on the validation
+# split: kNN 77.4 -> 87.1 for MAE + MTO at 14 epochs of its 1,151 images (README "The demo").
+DEMO_STEPS = ["train.epochs=10", "train.global_batch=32", "train.micro_batch=32"]
 
 
 def _recipe_root() -> Path:
@@ -122,6 +123,8 @@ def describe(recipe: Any) -> str:
         f"{v.crop}" + (f"/jitter {v.color_jitter:g}" if v.color_jitter else "") for v in recipe.data.views
     )
     parts = [f"mask {mask}", lr, f"views {views}", f"arch {recipe.model.arch}"]
+    if getattr(recipe.method_cfg, "norm_pix", True) is False:
+        parts.append("pixel targets not normalised per patch")
     if recipe.mto.enabled:
         parts.append("MTO losses on")
     if METHODS[recipe.method].needs_teacher:

@@ -65,7 +65,7 @@ def test_every_demo_trains_the_same_student_for_the_same_steps(tmp_path: Path) -
             assert recipe.run.name == f"{name}_random_teacher"
         else:
             assert info["teacher"] is None and "teacher" not in line
-    assert shared[1] == 4 and shared[4] == 10 and shared[6] == "mean"
+    assert shared[1] == 4 and shared[4] == 10 and shared[5] == 32 and shared[6] == "mean"
 
 
 def test_demo_help_lists_the_methods_and_defaults(capsys, monkeypatch) -> None:
