@@ -201,9 +201,9 @@ def _earlier_run(run_dir: Path) -> int | None:
 
 def run_demo(
     method: str = DEFAULT_METHOD, out: Path = Path("runs/demo"), overrides: list[str] | None = None,
-    teacher: Teacher = "trained", targets: str = "online",
+    teacher: Teacher = "trained", targets: str = "online", seeds_hint: bool = True,
 ) -> int:  # fmt: skip
-    """Run one method's demo; returns a process exit code."""
+    """Run one method's demo; returns a process exit code (``seeds_hint``: say how to measure the spread)."""
     recipes = demo_recipes()
     if method not in recipes:
         print(f"demo: no CPU demo for method {method!r} (have: {', '.join(recipes)})")
@@ -232,4 +232,8 @@ def run_demo(
         print(f"[mimscale demo] {name} finished in {seconds:.0f} s{trained}")
     print(f"[mimscale demo] run directory: {run_dir}  (recipe.yaml, metrics.jsonl, checkpoints/)")
     report(recipe, run_dir, seconds, teacher=info["teacher"])  # vs the same encoder at random init
+    if seeds_hint:
+        print(f"[mimscale demo] one seed (run.seed={recipe.run.seed}): the random init's readouts move "
+              f"with the seed; mimscale demo --method {method} --seeds 0,1,2 measures the spread "
+              f"of the gains")  # fmt: skip
     return 0

@@ -60,7 +60,7 @@ def run_seeds(
         name = f"{method}_seed{seed}"
         print(f"\n[mimscale demo] seed {seed} ({len(results) + 1} of {len(seeds)}): {out / name}", flush=True)
         over = [*(overrides or []), f"run.seed={seed}", f"run.name={name}"]
-        code = run_demo(method=method, out=out, overrides=over, teacher=teacher)  # type: ignore[arg-type]
+        code = run_demo(method, out, over, teacher, seeds_hint=False)  # type: ignore[arg-type]
         if code:
             return code
         res = json.loads((out / name / "demo_results.json").read_text())

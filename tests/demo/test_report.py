@@ -33,6 +33,7 @@ def test_demo_smoke(tmp_path, capsys, monkeypatch) -> None:
     out = capsys.readouterr().out
     assert "random init (same weights, step 0)" in out and "pre-trained (mae + mto, 2 steps)" in out
     assert "finished in" in out and "reusing" not in out
+    assert "mimscale demo --method mae_mto --seeds 0,1,2 measures the spread" in out
     assert titles and titles[-1].startswith("mae + mto on digits")
 
     assert run_demo(out=tmp_path, overrides=over) == 0  # again, same directory: nothing to train
