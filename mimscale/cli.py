@@ -140,6 +140,10 @@ def launch(cmd: list[str]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.seeds and (args.sweep or args.compare):
+        print(f"demo: --seeds runs one method once per seed; it does not combine with "
+              f"{'--sweep' if args.sweep else '--compare'}")  # fmt: skip
+        return 2
     if args.sweep:  # the CPU scaling sweep (mimscale/scaling/demo.py)
         from mimscale.scaling.demo import run_demo_sweep
 

@@ -47,6 +47,15 @@ def test_cli_refuses_a_bad_seed_list_before_any_run(tmp_path, capsys) -> None:
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.parametrize("other", [["--compare", "mae,mae_mto"], ["--sweep"]])
+def test_seeds_do_not_combine_with_compare_or_sweep(tmp_path, capsys, other) -> None:
+    from mimscale.cli import main
+
+    assert main(["demo", "--seeds", "0,1", *other, "--out", str(tmp_path)]) == 2
+    assert f"does not combine with {other[0]}" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_two_seeds_run_apart_and_the_spread_is_printed(tmp_path, capsys) -> None:
     from mimscale.cli import main
