@@ -71,10 +71,10 @@ def run_seeds(
     print(f"\n[mimscale demo] {results[0]['method']}, {steps} steps, {len(seeds)} seeds: held-out top-1, "
           f"pre-trained (its own random init) and the gain in points")  # fmt: skip
     print(f"  {'seed':<6}" + "".join(f"{name + ' top-1':>22}{'gain':>8}" for _, name in READOUTS))
-    for r in results:
+    for i, r in enumerate(results):  # each gain as summarise computed it
         trained, init = r["pretrained"], r["random_init"]
         cells = "".join(
-            f"{trained[k]:>13.1f} ({init[k]:>5.1f}){trained[k] - init[k]:>+8.1f}" for k, _ in READOUTS
+            f"{trained[k]:>13.1f} ({init[k]:>5.1f}){summary[k]['gains'][i]:>+8.1f}" for k, _ in READOUTS
         )
         print(f"  {r['seed']:<6}{cells}")
     for key, name in READOUTS:
